@@ -1,0 +1,1 @@
+"""Prefect deployments (nightly schedule, new-fine-tune trigger): see deployments/README.md."""

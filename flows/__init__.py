@@ -1,0 +1,1 @@
+"""Prefect flows: `merge_flow` is the DAG of DESIGN.md §3."""

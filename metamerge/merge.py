@@ -1,0 +1,221 @@
+"""The streaming merge engine: θ = θ₀ + Δ(τ_1..τ_T), one tensor at a time.
+
+For each tensor name it reads the base and every fine-tune (mmap), computes in float32 on the
+chosen device, writes the result straight into the output shard, and forgets it. Reading the
+next tensor overlaps with computing this one (a background thread; pinned buffers on CUDA),
+and writing overlaps with the next read. Peak memory is a few tensors, never the model.
+The output goes to a temporary sibling folder that is verified and only then renamed into
+place, so a crash or a bad input never leaves a half-written model where readers look.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metamerge.checkpoint import CheckpointReader, ShardedWriter, TensorInfo, copy_aux_files, verify_checkpoint
+from metamerge.coefficients import Coefficients
+from metamerge.compat import Alignment, align, read_aligned
+from metamerge.errors import CheckpointError
+from metamerge.methods import MergePlan, combine, sparsify_
+
+OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path
+    device: str
+    tensors: int
+    merged_tensors: int
+    copied_tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    gram: list[list[float]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    delta_rounding_loss: float = 0.0
+
+    def cosine(self) -> list[list[float]]:
+        """Cosine of task vectors; MetaGPT assumes these are near 0 off the diagonal."""
+        n = len(self.gram)
+        out = [[0.0] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(n):
+                denom = math.sqrt(self.gram[i][i] * self.gram[j][j])
+                out[i][j] = self.gram[i][j] / denom if denom > 0 else 0.0
+        return out
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "out_dir"}
+        data["out_dir"] = str(self.out_dir)
+        data["cosine"] = self.cosine()
+        return data
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("merge.device is 'cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+def output_plan(base: CheckpointReader, dtype: str) -> list[TensorInfo]:
+    """Output tensors: the base's names and shapes; float dtype per the recipe, others kept."""
+    target = OUTPUT_DTYPES.get(dtype)
+    plan = []
+    for name in base.names:
+        info = base.info(name)
+        out_dtype = target if (target is not None and info.is_float) else info.dtype
+        plan.append(TensorInfo(name, out_dtype, info.shape))
+    return plan
+
+
+class _Inputs:
+    """Reads one tensor name from every checkpoint, ready for compute on `device`."""
+
+    def __init__(self, base: CheckpointReader, finetunes: list[tuple[CheckpointReader, Alignment]], device: torch.device):
+        self.base, self.finetunes, self.device = base, finetunes, device
+
+    def load(self, name: str) -> list[torch.Tensor]:
+        tensors = [self.base.read(name)] + [read_aligned(r, name, a) for r, a in self.finetunes]
+        if self.device.type == "cuda":
+            tensors = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+        return tensors
+
+
+def _merge_tensor(
+    tensors: list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (merged float32 tensor, gram of the raw task vectors [T, T] in float64)."""
+    base = tensors[0].to(torch.float32)
+    flat_base = base.reshape(-1)
+    taus = torch.empty((len(tensors) - 1, flat_base.numel()), dtype=torch.float32, device=base.device)
+    for t, ft in enumerate(tensors[1:]):
+        torch.sub(ft.reshape(-1).to(torch.float32), flat_base, out=taus[t])
+    gram = (taus @ taus.T).double()
+    if not bool(torch.isfinite(gram.diagonal()).all()):
+        bad = [labels[i] for i in range(len(labels)) if not math.isfinite(float(gram[i, i]))]
+        raise CheckpointError(f"tensor {name!r} contains NaN or Inf (fine-tune(s) {', '.join(bad)} or the base)")
+    sparsify_(taus, plan, labels, name)
+    delta = combine(taus, weights, plan)
+    return (flat_base + delta).reshape(base.shape), gram
+
+
+def merge_checkpoints(
+    base_dir: Path,
+    finetunes: list[tuple[str, Path]],
+    coefficients: Coefficients,
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    shard_size_mb: int = 2000,
+    vocab: str = "base",
+    progress: ProgressFn | None = None,
+) -> MergeReport:
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    compute_device = resolve_device(device)
+    base = CheckpointReader(base_dir, label="base")
+    readers = [(CheckpointReader(path, label=label), None) for label, path in finetunes]
+    pairs = [(reader, align(base, reader, vocab)) for reader, _ in readers]
+    labels = [label for label, _ in finetunes]
+    if coefficients.tasks != labels:
+        raise CheckpointError(f"coefficients are for {coefficients.tasks}, merge inputs are {labels}")
+
+    tensors_out = output_plan(base, dtype)
+    total_bytes = sum(info.nbytes for info in tensors_out)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    writer = ShardedWriter(tmp_dir, tensors_out, shard_size_mb * 1024 * 1024)
+    inputs = _Inputs(base, pairs, compute_device)
+    gram_total = torch.zeros((len(labels), len(labels)), dtype=torch.float64)
+    merged = copied = bytes_read = 0
+    rounding_num = rounding_den = 0.0
+    weights_cache: dict[str, torch.Tensor] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=1) as reader_pool, ThreadPoolExecutor(max_workers=1) as writer_pool:
+            pending_read: Future = reader_pool.submit(inputs.load, tensors_out[0].name)
+            pending_write: Future | None = None
+            done_bytes = 0
+            for index, info in enumerate(tensors_out):
+                tensors = pending_read.result()
+                if index + 1 < len(tensors_out):
+                    pending_read = reader_pool.submit(inputs.load, tensors_out[index + 1].name)
+                bytes_read += sum(t.numel() * t.element_size() for t in tensors)
+                if base.info(info.name).is_float:
+                    group = coefficients.tensor_groups.get(info.name, "model")
+                    if group not in weights_cache:
+                        weights_cache[group] = torch.tensor(coefficients.groups[group], dtype=torch.float32, device=compute_device)
+                    result32, gram = _merge_tensor(tensors, weights_cache[group], plan, labels, info.name)
+                    gram_total += gram.cpu()
+                    result = result32.to(info.dtype)
+                    if info.dtype != torch.float32:
+                        delta = result32 - tensors[0].to(torch.float32)
+                        lost = result.to(torch.float32) - result32
+                        rounding_num += float(torch.linalg.vector_norm(lost, dtype=torch.float64)) ** 2
+                        rounding_den += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+                    if not bool(torch.isfinite(result).all()):
+                        raise CheckpointError(f"tensor {info.name!r} overflows {info.dtype} after merging")
+                    merged += 1
+                else:
+                    result = tensors[0]
+                    copied += 1
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = writer_pool.submit(writer.write, info.name, result.to("cpu"))
+                done_bytes += info.nbytes
+                if progress is not None:
+                    progress(done_bytes, total_bytes, info.name)
+            if pending_write is not None:
+                pending_write.result()
+        writer.finish()
+        verify_checkpoint(tmp_dir, tensors_out)
+        copy_aux_files(base_dir, tmp_dir)
+        _set_config_dtype(tmp_dir, dtype)
+        _commit(tmp_dir, out_dir)
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return MergeReport(
+        out_dir=out_dir, device=str(compute_device), tensors=len(tensors_out), merged_tensors=merged,
+        copied_tensors=copied, bytes_read=bytes_read, bytes_written=total_bytes,
+        seconds=time.monotonic() - started, gram=gram_total.tolist(), labels=labels,
+        delta_rounding_loss=math.sqrt(rounding_num / rounding_den) if rounding_den > 0 else 0.0,
+    )
+
+
+def _set_config_dtype(model_dir: Path, dtype: str) -> None:
+    config = model_dir / "config.json"
+    if dtype == "auto" or not config.exists():
+        return
+    data = json.loads(config.read_text())
+    for key in ("torch_dtype", "dtype"):
+        if key in data:
+            data[key] = dtype
+    config.write_text(json.dumps(data, indent=2))
+
+
+def _commit(tmp_dir: Path, out_dir: Path) -> None:
+    """Rename into place; an older output of the same name is swapped out, then removed."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        out_dir.rename(old)
+    tmp_dir.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""Per-tensor merge kernels as one composition of three independent choices.
+
+Every method of the paper is `sparsify` (none | magnitude top-k = TIES trim | random drop with
+rescale = DARE), then `consensus` (none | TIES sign election), then a weighted combination
+with per-task weights w_t, optionally normalized by the weight of the entries that survived
+(TIES' disjoint mean), times a global scale. mergekit's generalized task arithmetic is built
+the same way; conventions follow it (majority sign of a zero sum is +, k = int(density·n)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from metamerge.recipe import Method
+
+Sparsify = Literal["none", "magnitude", "random"]
+Consensus = Literal["none", "ties"]
+Weighting = Literal["uniform", "constant", "metagpt"]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    sparsify: Sparsify = "none"
+    density: float = 1.0
+    seed: int | None = None
+    consensus: Consensus = "none"
+    weighting: Weighting = "metagpt"
+    weight: float = 1.0  # per-task weight when weighting == "constant"
+    scale: float = 1.0
+    normalize: bool = False
+    granularity: str = "model"
+
+    @property
+    def needs_norms(self) -> bool:
+        return self.weighting == "metagpt"
+
+
+def plan_for(method: Method) -> MergePlan:
+    """Maps a recipe method onto the three choices (DESIGN.md §4)."""
+    name = method.name
+    if name == "average":
+        return MergePlan(weighting="uniform")
+    if name == "task_arithmetic":
+        return MergePlan(weighting="constant", weight=method.param("scale"))
+    if name == "metagpt":
+        return MergePlan(weighting="metagpt", granularity=method.param("granularity"))
+    if name == "ties":
+        return MergePlan(
+            sparsify="magnitude", density=method.param("density"), consensus="ties",
+            weighting="constant", scale=method.param("scale"), normalize=True,
+        )
+    if name == "dare":
+        ties = method.param("combine") == "ties"
+        return MergePlan(
+            sparsify="random", density=method.param("density"), seed=method.param("seed"),
+            consensus="ties" if ties else "none", weighting="constant",
+            weight=1.0 if ties else method.param("scale"),
+            scale=method.param("scale") if ties else 1.0, normalize=ties,
+        )
+    if name == "metagpt+ties":
+        return MergePlan(
+            sparsify="magnitude", density=method.param("density"), consensus="ties",
+            weighting="metagpt", granularity=method.param("granularity"),
+        )
+    if name == "metagpt+dare":
+        return MergePlan(
+            sparsify="random", density=method.param("density"), seed=method.param("seed"),
+            weighting="metagpt", granularity=method.param("granularity"),
+        )
+    raise ValueError(f"unknown method {name!r}")
+
+
+def dare_generator(seed: int, task_label: str, tensor_name: str) -> torch.Generator:
+    """One reproducible stream per (seed, fine-tune, tensor), whatever the order of work."""
+    digest = hashlib.sha256(f"{seed}\0{task_label}\0{tensor_name}".encode()).digest()
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keeps the int(density·n) largest |τ| entries (at least one)."""
+    flat = tau.reshape(-1)
+    k = max(1, int(density * flat.numel()))
+    if k >= flat.numel():
+        return torch.ones_like(flat, dtype=torch.bool).reshape(tau.shape)
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=tau.device)
+    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
+    return keep.reshape(tau.shape)
+
+
+def random_mask(shape: torch.Size, density: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Bernoulli(density) keep-mask drawn on the CPU so every device gets identical masks."""
+    return (torch.rand(shape, generator=generator) < density).to(device)
+
+
+def sparsify_(taus: torch.Tensor, plan: MergePlan, labels: list[str], tensor_name: str) -> torch.Tensor:
+    """In place on `taus` [T, ...]: TIES trim or DARE drop-and-rescale; returns `taus`."""
+    if plan.sparsify == "none" or plan.density >= 1.0:
+        return taus
+    for t in range(taus.shape[0]):
+        if plan.sparsify == "magnitude":
+            taus[t].mul_(magnitude_mask(taus[t], plan.density))
+        else:
+            gen = dare_generator(int(plan.seed or 0), labels[t], tensor_name)
+            taus[t].mul_(random_mask(taus[t].shape, plan.density, gen, taus.device))
+            taus[t].div_(plan.density)
+    return taus
+
+
+def combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """Δ = scale · Σ_t w_t m_t τ_t / (Σ_t w_t m_t if normalize else 1), m from sign election."""
+    w = weights.reshape(-1, *([1] * (taus.dim() - 1)))
+    if plan.consensus == "none" and not plan.normalize:
+        delta = torch.tensordot(weights, taus, dims=1)
+    else:
+        weighted = taus * w
+        if plan.consensus == "ties":
+            majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(taus.dtype)
+            mask = (torch.sign(taus) == majority).to(taus.dtype)
+            weighted.mul_(mask)
+        else:
+            mask = torch.ones_like(taus)
+        delta = weighted.sum(dim=0)
+        if plan.normalize:
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1.0
+            delta.div_(divisor)
+    if plan.scale != 1.0:
+        delta.mul_(plan.scale)
+    return delta
+
+
+def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str) -> float:
+    """‖sparsify(τ)‖², which is what MetaGPT weighs when combined with TIES or DARE."""
+    sparse = sparsify_(tau.unsqueeze(0).clone(), plan, [label], tensor_name)[0]
+    return float(torch.sum(sparse.double() ** 2))

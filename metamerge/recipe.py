@@ -1,0 +1,193 @@
+"""The merge recipe: one YAML file that says what to merge, how, how to judge it, where to put it.
+
+Every key is validated up front so a nightly run fails in the first second with a message
+naming the offending key, instead of an hour later inside the merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from metamerge.errors import RecipeError
+
+MethodName = Literal[
+    "average", "task_arithmetic", "metagpt", "ties", "dare", "metagpt+ties", "metagpt+dare"
+]
+Granularity = Literal["model", "layer", "tensor"]
+
+# Which optional parameters each method accepts, with its defaults (DESIGN.md §4).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "average": {},
+    "task_arithmetic": {"scale": 0.3},
+    "metagpt": {"granularity": "model"},
+    "ties": {"density": 0.2, "scale": 1.0},
+    "dare": {"density": 0.55, "combine": "linear", "scale": None, "seed": None},
+    "metagpt+ties": {"density": 0.2, "granularity": "model"},
+    "metagpt+dare": {"density": 0.55, "granularity": "model", "seed": None},
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class FineTune(_Strict):
+    ref: str = Field(min_length=1)
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    tasks: tuple[str, ...] = Field(default=(), description="lm-eval tasks this fine-tune is for")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.ref.rstrip("/").split("@")[0]).name
+
+
+class Method(_Strict):
+    name: MethodName
+    scale: float | None = Field(default=None, alias="lambda", gt=0, le=10)
+    granularity: Granularity | None = None
+    density: float | None = Field(default=None, gt=0, le=1)
+    combine: Literal["linear", "ties"] | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check_parameters(self) -> Method:
+        allowed = METHOD_DEFAULTS[self.name]
+        given = {k for k in ("scale", "granularity", "density", "combine", "seed") if getattr(self, k) is not None}
+        for key in sorted(given - set(allowed)):
+            shown = "lambda" if key == "scale" else key
+            raise ValueError(f"'{shown}' does not apply to method '{self.name}'")
+        if "seed" in allowed and self.seed is None:
+            raise ValueError(f"method '{self.name}' drops weights at random: set 'seed' so runs are reproducible")
+        return self
+
+    def param(self, key: str) -> Any:
+        value = getattr(self, key)
+        if value is not None:
+            return value
+        default = METHOD_DEFAULTS[self.name].get(key)
+        if key == "scale" and self.name == "dare" and default is None:
+            return 1.0 if self.param("combine") == "ties" else 0.3
+        return default
+
+
+class MergeOptions(_Strict):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    shard_size_mb: int = Field(default=2000, ge=1)
+    vocab: Literal["base"] = "base"
+
+
+class Evaluation(_Strict):
+    tasks_dir: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+
+class Publish(_Strict):
+    target: str = Field(min_length=1, description="s3://bucket/prefix or a local folder")
+    endpoint_url: str | None = None
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str = Field(min_length=1)
+    finetunes: tuple[FineTune, ...] = Field(min_length=1)
+    method: Method = Method(name="metagpt")
+    merge: MergeOptions = MergeOptions()
+    evaluation: Evaluation | None = None
+    publish: Publish | None = None
+    workdir: str = ".metamerge"
+
+    @field_validator("finetunes", mode="before")
+    @classmethod
+    def _refs_as_strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"ref": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_as_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> Recipe:
+        labels = [ft.label for ft in self.finetunes]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"fine-tune names must be unique; repeated: {', '.join(dupes)}")
+        if self.evaluation is not None:
+            missing = [ft.label for ft in self.finetunes if not ft.tasks]
+            if missing:
+                raise ValueError(f"evaluation needs 'tasks' on every fine-tune; missing on: {', '.join(missing)}")
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of the validated recipe: two spellings of the same recipe hash the same."""
+        payload = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def resolve_paths(self, base_dir: Path) -> Recipe:
+        """Relative local paths in a recipe are relative to the recipe file, not to the cwd."""
+
+        def fix(ref: str) -> str:
+            if "://" in ref or Path(ref).is_absolute():
+                return ref
+            return str((base_dir / ref).resolve())
+
+        update: dict[str, Any] = {
+            "base": fix(self.base),
+            "finetunes": tuple(ft.model_copy(update={"ref": fix(ft.ref)}) for ft in self.finetunes),
+            "workdir": fix(self.workdir),
+        }
+        if self.evaluation and self.evaluation.tasks_dir:
+            update["evaluation"] = self.evaluation.model_copy(update={"tasks_dir": fix(self.evaluation.tasks_dir)})
+        if self.publish and "://" not in self.publish.target:
+            update["publish"] = self.publish.model_copy(update={"target": fix(self.publish.target)})
+        return self.model_copy(update=update)
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__") or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return f"invalid recipe {source}: " + "; ".join(parts)
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe {source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(source, exc)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"invalid recipe {path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_recipe(data, str(path)).resolve_paths(path.parent.resolve())
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False)

@@ -1,0 +1,186 @@
+"""One plain function per pipeline stage (DESIGN.md §3), so orchestration stays a thin wrapper.
+
+Each stage takes and returns small values (paths, fingerprints, dicts) and writes its bulky
+output under the recipe's workdir at a path derived from content fingerprints, which is what
+makes stages cacheable and resumable by any orchestrator, Prefect or a plain script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from metamerge import __version__
+from metamerge.coefficients import Coefficients, solve_constant, solve_metagpt
+from metamerge.evaluate import EvalSpec, ScoreTable, evaluate_model, lm_eval_version
+from metamerge.merge import MergeReport, merge_checkpoints
+from metamerge.methods import MergePlan, plan_for
+from metamerge.recipe import Recipe, recipe_to_yaml
+from metamerge.refs import DigestCache, ResolvedModel, fingerprint_dir, resolve_ref
+from metamerge.storage import PublishResult, publish_run
+from metamerge.taskvectors import TaskVectorStats, extract_stats
+
+CODE_VERSION = f"metamerge-{__version__}"
+
+
+def short_hash(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _digests(workdir: Path) -> DigestCache:
+    return DigestCache(Path(workdir) / "digests.json")
+
+
+def resolve(ref: str, workdir: Path) -> ResolvedModel:
+    return resolve_ref(ref, Path(workdir))
+
+
+def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str, workdir: Path) -> Path:
+    """Writes ‖τ‖² per tensor to a stats file named by (base, fine-tune, sparsify) content."""
+    sparsify = (plan.sparsify, plan.density, plan.seed)
+    out = Path(workdir) / "stats" / f"{short_hash(base.fingerprint, finetune.fingerprint, label, sparsify, vocab, CODE_VERSION)}.json"
+    if not out.exists():
+        stats = extract_stats(base.path, finetune.path, label, plan, vocab)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        stats.save(tmp)
+        tmp.replace(out)
+    return out
+
+
+def solve(labels: list[str], stats_files: list[Path], plan: MergePlan, method_name: str) -> Coefficients:
+    if plan.weighting == "metagpt":
+        stats = [TaskVectorStats.load(Path(p)) for p in stats_files]
+        return solve_metagpt(labels, {s.label: s.sq_norms for s in stats}, plan.granularity, method_name)
+    weight = 1.0 / len(labels) if plan.weighting == "uniform" else plan.weight
+    return solve_constant(labels, weight, method_name)
+
+
+@dataclass(frozen=True)
+class MergeOutput:
+    path: str
+    fingerprint: str
+    report: dict
+
+
+def merge(
+    recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], coefficients: Coefficients,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> MergeOutput:
+    plan = plan_for(recipe.method)
+    workdir = Path(recipe.workdir)
+    key = short_hash(base.fingerprint, [f.fingerprint for f in finetunes], coefficients.to_json(), asdict(plan),
+                     recipe.merge.model_dump(mode="json"), CODE_VERSION)
+    out_dir = workdir / "merged" / f"{recipe.name}-{key}"
+    report_file = workdir / "merged" / f"{recipe.name}-{key}.report.json"
+    if out_dir.exists() and report_file.exists():
+        report = json.loads(report_file.read_text())
+    else:
+        result: MergeReport = merge_checkpoints(
+            base.path, [(ft.label, f.path) for ft, f in zip(recipe.finetunes, finetunes, strict=True)],
+            coefficients, plan, out_dir, dtype=recipe.merge.dtype, device=recipe.merge.device,
+            shard_size_mb=recipe.merge.shard_size_mb, vocab=recipe.merge.vocab, progress=progress,
+        )
+        report = result.to_dict()
+        report_file.write_text(json.dumps(report, indent=1))
+    return MergeOutput(str(out_dir), fingerprint_dir(out_dir, _digests(workdir)), report)
+
+
+def eval_spec(recipe: Recipe, tasks: tuple[str, ...]) -> EvalSpec:
+    ev = recipe.evaluation
+    assert ev is not None
+    return EvalSpec(tasks=tasks, tasks_dir=Path(ev.tasks_dir) if ev.tasks_dir else None,
+                    limit=ev.limit, batch_size=ev.batch_size, device=ev.device)
+
+
+def task_spec_hash(spec: EvalSpec) -> str:
+    """Hash of the task definitions themselves (YAML and data), not just their names."""
+    digest = hashlib.sha256(json.dumps([spec.tasks, spec.limit], default=str).encode())
+    if spec.tasks_dir is not None:
+        for file in sorted(Path(spec.tasks_dir).rglob("*")):
+            if file.is_file():
+                digest.update(file.relative_to(spec.tasks_dir).as_posix().encode())
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def evaluate(model_path: str, model_fingerprint: str, spec: EvalSpec, workdir: Path) -> dict[str, dict]:
+    out = Path(workdir) / "scores" / f"{short_hash(model_fingerprint, task_spec_hash(spec), lm_eval_version())}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    scores = evaluate_model(Path(model_path), spec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(scores, indent=1))
+    return scores
+
+
+def score_table(recipe: Recipe, base_scores: dict, finetune_scores: dict[str, dict], merged_scores: dict) -> ScoreTable:
+    rows = {"base": {t: v["score"] for t, v in base_scores.items()}}
+    for label, scores in finetune_scores.items():
+        rows[label] = {t: v["score"] for t, v in scores.items()}
+    merged_label = f"merged ({recipe.method.name})"
+    rows[merged_label] = {t: v["score"] for t, v in merged_scores.items()}
+    own = {ft.label: tuple(ft.tasks) for ft in recipe.finetunes}
+    return ScoreTable(rows=rows, own_tasks=own, merged_label=merged_label)
+
+
+def coefficient_records(coefficients: Coefficients, plan: MergePlan) -> list[dict]:
+    level = coefficients.model_level()
+    return [{"fine-tune": task, "lambda": round(value, 6), "method": coefficients.method,
+             "granularity": coefficients.granularity, "scale": plan.scale} for task, value in level.items()]
+
+
+def cosine_records(report: dict) -> list[dict]:
+    labels, cosine = report["labels"], report["cosine"]
+    return [{"task vector": a, **{b: round(cosine[i][j], 4) for j, b in enumerate(labels)}} for i, a in enumerate(labels)]
+
+
+def run_id_for(merged_fingerprint: str) -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{merged_fingerprint[:8]}"
+
+
+def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: Coefficients, plan: MergePlan,
+                    merge_report: dict, table: ScoreTable | None, published: str | None) -> str:
+    lines = [f"# Merge report: {recipe.name}", "", f"Method: `{recipe.method.name}`"
+             f" (granularity {coefficients.granularity}, scale {plan.scale})", "", "## Inputs", "",
+             "| role | ref | fingerprint |", "|---|---|---|"]
+    for i, model in enumerate(inputs):
+        role = "base" if i == 0 else f"fine-tune {recipe.finetunes[i - 1].label}"
+        lines.append(f"| {role} | `{model.ref}` | `{model.fingerprint[:16]}` |")
+    lines += ["", "## Coefficients (λ per fine-tune, model level)", "", "| fine-tune | λ |", "|---|---|"]
+    lines += [f"| {task} | {value:.4f} |" for task, value in coefficients.model_level().items()]
+    lines += ["", "## Cosine of task vectors", "", "MetaGPT assumes near-orthogonal task vectors (off-diagonal ≈ 0).", ""]
+    labels = merge_report["labels"]
+    lines += ["| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for i, a in enumerate(labels):
+        lines.append(f"| {a} | " + " | ".join(f"{c:.3f}" for c in merge_report["cosine"][i]) + " |")
+    lines += ["", f"Merge: {merge_report['tensors']} tensors, {merge_report['bytes_written'] / 1e6:.1f} MB written "
+              f"in {merge_report['seconds']:.2f} s on {merge_report['device']}."]
+    if table is not None:
+        lines += ["", "## Scores (absolute; avg_norm = merged / own fine-tune)", "", table.to_markdown()]
+    if published:
+        lines += ["", f"Published: `{published}`"]
+    return "\n".join(lines) + "\n"
+
+
+def publish(recipe: Recipe, merged: MergeOutput, run_id: str, documents: dict[str, str]) -> PublishResult:
+    """Publishes the merged model plus small documents (recipe, λ, scores, report)."""
+    assert recipe.publish is not None
+    workdir = Path(recipe.workdir)
+    doc_dir = workdir / "publish" / run_id
+    doc_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    merged_dir = Path(merged.path)
+    for file in sorted(p for p in merged_dir.iterdir() if p.is_file()):
+        files[file.name] = file
+    documents = {"recipe.yaml": recipe_to_yaml(recipe), **documents}
+    for name, text in documents.items():
+        (doc_dir / name).write_text(text)
+        files[name] = doc_dir / name
+    return publish_run(files, recipe.publish.target, recipe.name, run_id, recipe.publish.endpoint_url,
+                       extra={"merged_fingerprint": merged.fingerprint, "method": recipe.method.name},
+                       digests=_digests(workdir))

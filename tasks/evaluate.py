@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from metamerge import stages
+from metamerge.evaluate import EvalSpec
+
+
+@task(name="evaluate", task_run_name="evaluate {label}")
+def evaluate_model(label: str, model_path: str, fingerprint: str, spec: EvalSpec, workdir: str) -> dict:
+    """lm-eval on one model; scores are cached by (model fingerprint, task spec, lm-eval version)."""
+    return stages.evaluate(model_path, fingerprint, spec, Path(workdir))

@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from metamerge import stages
+from metamerge.methods import MergePlan
+from metamerge.refs import ResolvedModel
+
+
+@task(name="extract", task_run_name="extract {label}")
+def extract_task_vector(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan,
+                        vocab: str, workdir: str) -> str:
+    """Compute stage: deterministic, so not retried. Returns the stats file's path."""
+    return str(stages.extract(base, finetune, label, plan, vocab, Path(workdir)))

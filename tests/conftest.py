@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny zoo, a real S3 server on loopback, a real Prefect API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PREFECT_HOME", str(REPO / ".cache" / "prefect-test-home"))
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "AWS_ACCESS_KEY_ID": "metamerge-test",
+    "AWS_SECRET_ACCESS_KEY": "metamerge-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    from metamerge.zoo import build_zoo
+
+    return build_zoo(REPO / ".cache" / "zoo")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from metamerge.s3server import local_s3_server
+
+    with local_s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    """A fresh bucket per test, so tests never see each other's objects."""
+    import uuid
+
+    from metamerge.storage import s3_client
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_client(s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,57 @@
+"""Builders of small random checkpoints for unit tests (the zoo is for end-to-end tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
+    """Saves tensors like transformers does: one file, or several plus an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if shards == 1:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    else:
+        weight_map = {}
+        for i in range(shards):
+            part = names[i::shards]
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: tensors[k].contiguous() for k in part}, str(folder / fname))
+            weight_map.update({k: fname for k in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
+    return folder
+
+
+def random_family(root: Path, n_finetunes: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  layers: int = 2, scale: list[float] | None = None) -> tuple[Path, list[Path], dict, list[dict]]:
+    """A base and fine-tunes with Llama-like names, odd shapes and an integer buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {"model.embed_tokens.weight": torch.randn(37, 12, generator=gen)}
+    for layer in range(layers):
+        base[f"model.layers.{layer}.self_attn.q_proj.weight"] = torch.randn(12, 12, generator=gen)
+        base[f"model.layers.{layer}.mlp.up_proj.weight"] = torch.randn(19, 12, generator=gen)
+        base[f"model.layers.{layer}.input_layernorm.weight"] = torch.randn(12, generator=gen)
+    base["model.norm.weight"] = torch.randn(12, generator=gen)
+    base["lm_head.weight"] = torch.randn(37, 12, generator=gen)
+    base["model.position_ids"] = torch.arange(7, dtype=torch.int64)
+    base = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in base.items()}
+    base_dir = write_checkpoint(root / "base", base)
+    fts, ft_dirs = [], []
+    for t in range(n_finetunes):
+        s = (scale or [0.1 * (t + 1)] * n_finetunes)[t]
+        ft = {}
+        for k, v in base.items():
+            if v.is_floating_point():
+                # per-layer magnitudes differ so granularity variants give different λ
+                layer_boost = 1.0 + (t + 1) * (k.count("layers.1") * 2.0)
+                ft[k] = (v.float() + s * layer_boost * torch.randn(v.shape, generator=gen)).to(dtype)
+            else:
+                ft[k] = v.clone()
+        fts.append(ft)
+        ft_dirs.append(write_checkpoint(root / f"ft{t}", ft, shards=2 if t == 0 else 1))
+    return base_dir, ft_dirs, base, fts

@@ -1,0 +1,138 @@
+"""The streaming engine against an independent dense computation of θ₀ + Σ λ_t τ_t."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from metamerge.checkpoint import CheckpointReader
+from metamerge.coefficients import solve_constant, solve_metagpt
+from metamerge.errors import CheckpointError
+from metamerge.merge import merge_checkpoints
+from metamerge.methods import MergePlan
+from metamerge.taskvectors import extract_stats
+from tests.helpers import random_family, write_checkpoint
+
+LABELS = ["ft0", "ft1", "ft2"]
+
+
+def _read_all(folder):
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _metagpt_reference(base, fts):
+    """numpy, float64: λ from whole-model norms, then θ₀ + Σ λ τ."""
+    floats = [k for k, v in base.items() if v.is_floating_point()]
+    taus = [{k: ft[k].double().numpy() - base[k].double().numpy() for k in floats} for ft in fts]
+    norms = np.array([sum(float(np.sum(t[k] ** 2)) for k in floats) for t in taus])
+    lam = norms / norms.sum()
+    merged = {k: base[k].double().numpy() + sum(lam[i] * taus[i][k] for i in range(len(fts))) for k in floats}
+    return lam, merged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_metagpt_merge_files_equal_dense_reference(tmp_path, dtype):
+    base_dir, ft_dirs, base, fts = random_family(tmp_path, dtype=dtype)
+    stats = [extract_stats(base_dir, d, label) for d, label in zip(ft_dirs, LABELS, strict=True)]
+    coefficients = solve_metagpt(LABELS, {s.label: s.sq_norms for s in stats}, "model")
+    out = tmp_path / "merged"
+    report = merge_checkpoints(base_dir, list(zip(LABELS, ft_dirs, strict=True)), coefficients, MergePlan(), out,
+                               device="cpu", shard_size_mb=1)
+    lam, want = _metagpt_reference(base, fts)
+    np.testing.assert_allclose(list(coefficients.model_level().values()), lam, rtol=1e-6)
+    got = _read_all(out)
+    assert set(got) == set(base)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    for k, v in want.items():
+        assert got[k].dtype == dtype
+        np.testing.assert_allclose(got[k].double().numpy(), v, **tol, err_msg=k)
+    assert torch.equal(got["model.position_ids"], base["model.position_ids"])
+    assert (out / "config.json").exists()
+    assert report.copied_tensors == 1 and report.merged_tensors == len(base) - 1
+    # the gram diagonal is ‖τ_t‖², computed independently here
+    for i, ft in enumerate(fts):
+        n = sum(float(torch.sum((ft[k].double() - base[k].double()) ** 2)) for k in base if base[k].is_floating_point())
+        assert report.gram[i][i] == pytest.approx(n, rel=1e-4)
+    cos = report.cosine()
+    assert all(abs(cos[i][i] - 1) < 1e-9 for i in range(3))
+
+
+def test_task_arithmetic_and_output_dtype(tmp_path):
+    base_dir, ft_dirs, base, fts = random_family(tmp_path)
+    out = tmp_path / "m"
+    merge_checkpoints(base_dir, list(zip(LABELS, ft_dirs, strict=True)), solve_constant(LABELS, 0.3, "task_arithmetic"),
+                      MergePlan(weighting="constant", weight=0.3), out, device="cpu", dtype="bfloat16")
+    got = _read_all(out)
+    for k, v in base.items():
+        if v.is_floating_point():
+            want = v.double() + 0.3 * sum(ft[k].double() - v.double() for ft in fts)
+            assert got[k].dtype == torch.bfloat16
+            torch.testing.assert_close(got[k].double(), want, rtol=1e-2, atol=2e-2)
+    assert '"bfloat16"' in (out / "config.json").read_text()
+
+
+def test_shape_mismatch_fails_clearly_and_leaves_nothing(tmp_path):
+    base_dir, ft_dirs, base, fts = random_family(tmp_path)
+    bad = dict(fts[1])
+    bad["model.layers.0.mlp.up_proj.weight"] = torch.randn(20, 12)
+    write_checkpoint(tmp_path / "bad", bad)
+    out = tmp_path / "merged"
+    with pytest.raises(CheckpointError) as info:
+        merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("bad", tmp_path / "bad")],
+                          solve_constant(["ft0", "bad"], 0.5, "average"), MergePlan(weighting="uniform"), out, device="cpu")
+    assert str(info.value) == ("fine-tune 'bad': tensor 'model.layers.0.mlp.up_proj.weight' has shape [20, 12], "
+                               "base has [19, 12]")
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    base_dir, ft_dirs, base, fts = random_family(tmp_path)
+    bad = {k: v for k, v in fts[0].items() if k != "model.norm.weight"}
+    write_checkpoint(tmp_path / "bad", bad)
+    with pytest.raises(CheckpointError, match="fine-tune 'bad' is missing tensor 'model.norm.weight'"):
+        extract_stats(base_dir, tmp_path / "bad", "bad")
+
+
+def test_nan_in_finetune_fails_in_extraction_and_merge(tmp_path):
+    base_dir, ft_dirs, base, fts = random_family(tmp_path)
+    bad = dict(fts[0])
+    t = bad["model.layers.1.self_attn.q_proj.weight"].clone()
+    t[3, 4] = float("nan")
+    bad["model.layers.1.self_attn.q_proj.weight"] = t
+    write_checkpoint(tmp_path / "bad", bad)
+    with pytest.raises(CheckpointError, match="'model.layers.1.self_attn.q_proj.weight' contains NaN or Inf"):
+        extract_stats(base_dir, tmp_path / "bad", "bad")
+    out = tmp_path / "merged"
+    with pytest.raises(CheckpointError, match="contains NaN or Inf"):
+        merge_checkpoints(base_dir, [("bad", tmp_path / "bad"), ("ft1", ft_dirs[1])],
+                          solve_constant(["bad", "ft1"], 0.5, "average"), MergePlan(weighting="uniform"), out, device="cpu")
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))
+
+
+def test_extra_vocab_rows_are_dropped_with_vocab_base(tmp_path):
+    base_dir, ft_dirs, base, fts = random_family(tmp_path, n_finetunes=2)
+    grown = dict(fts[1])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown[name] = torch.cat([fts[1][name], torch.randn(5, 12)])
+    write_checkpoint(tmp_path / "grown", grown)
+    out = tmp_path / "merged"
+    merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("grown", tmp_path / "grown")],
+                      solve_constant(["ft0", "grown"], 0.5, "average"), MergePlan(weighting="uniform"), out, device="cpu")
+    got = CheckpointReader(out)
+    assert got.info("lm_head.weight").shape == (37, 12)
+    want = base["lm_head.weight"] + 0.5 * ((fts[0]["lm_head.weight"] - base["lm_head.weight"])
+                                           + (fts[1]["lm_head.weight"] - base["lm_head.weight"]))
+    torch.testing.assert_close(got.read("lm_head.weight"), want)
+
+
+def test_an_existing_output_is_replaced_atomically(tmp_path):
+    base_dir, ft_dirs, *_ = random_family(tmp_path, n_finetunes=2)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("ft1", ft_dirs[1])], solve_constant(["ft0", "ft1"], 0.5, "average"),
+                      MergePlan(weighting="uniform"), out, device="cpu")
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").exists()
