@@ -61,7 +61,7 @@ class CheckpointReader:
         self._info: dict[str, TensorInfo] = {}
         for file in self._shard_files():
             handle = self._open(file)
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 if name in self._file_of:
                     raise CheckpointError(f"{self.label}: tensor {name!r} appears in two shards")
                 sl = handle.get_slice(name)

@@ -5,6 +5,7 @@ Nothing else in the code knows it is not AWS: clients reach it only through `end
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ def local_s3_server(buckets: tuple[str, ...] = ()) -> Iterator[str]:
         os.environ.setdefault(key, value)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     try:

@@ -42,15 +42,14 @@ class ZooSpec:
     num_layers: int = 4
     num_heads: int = 4
     vocab_size: int = 512
-    pretrain_steps: int = 200
+    pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     batch_size: int = 32
     skills: tuple[SkillSpec, ...] = field(
         default_factory=lambda: (
-            SkillSpec("capitals", steps=120, learning_rate=1e-3),
-            # reversal needs positional attention: it trains longest, so its ‖τ‖ is largest
-            SkillSpec("reverse", steps=600, learning_rate=3e-3),
-            SkillSpec("shift", steps=80, learning_rate=1e-3),
+            SkillSpec("capitals", steps=300, learning_rate=1e-3),
+            SkillSpec("reverse", steps=300, learning_rate=1e-3),
+            SkillSpec("shift", steps=300, learning_rate=1e-3),
         )
     )
 
@@ -285,7 +284,7 @@ def _train(model, rows, steps: int, lr: float, batch_size: int, pad_id: int, see
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
     model.eval()
     return loss_value
 
