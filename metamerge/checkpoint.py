@@ -8,6 +8,7 @@ memory is therefore one tensor, not one shard, whatever the shard size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from metamerge.errors import CheckpointError
 
@@ -50,26 +50,79 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+CHUNK_ELEMENTS = 1 << 23  # 32 MB of float32 per input per step: bounds a merge's memory
+
+
+def read_header(path: Path, label: str) -> tuple[int, dict[str, TensorInfo], dict[str, tuple[int, int]]]:
+    """Parses and validates a safetensors header; returns (data start, infos, byte ranges).
+
+    Every byte range is checked against the file size here, so a truncated download fails
+    at open with the file's name instead of mid-merge with a short read.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{label}: {path.name} is not a safetensors file (only {size} bytes)")
+            length = int.from_bytes(prefix, "little")
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{label}: {path.name} is truncated or not safetensors (header of {length} bytes, file of {size})")
+            header = json.loads(fh.read(length))
+    except OSError as exc:
+        raise CheckpointError(f"{label}: cannot read {path.name} ({exc.strerror})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{label}: {path.name} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{label}: {path.name} has a corrupt safetensors header")
+    data_start = 8 + length
+    infos: dict[str, TensorInfo] = {}
+    ranges: dict[str, tuple[int, int]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{label}: {path.name} has a corrupt entry for tensor {name!r}") from None
+        if code not in CODE_DTYPES:
+            raise CheckpointError(f"{label}: tensor {name!r} in {path.name} has unsupported dtype {code}")
+        info = TensorInfo(name, CODE_DTYPES[code], shape)
+        if end - begin != info.nbytes or begin < 0:
+            raise CheckpointError(f"{label}: tensor {name!r} in {path.name} has inconsistent byte offsets")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{label}: {path.name} is truncated (tensor {name!r} needs {data_start + end} bytes, file has {size})"
+            )
+        infos[name] = info
+        ranges[name] = (data_start + begin, data_start + end)
+    return data_start, infos, ranges
+
+
 class CheckpointReader:
-    """Name-addressed, lazily opened view of every safetensors shard in a folder."""
+    """Name-addressed view of every safetensors shard in a folder.
+
+    Tensors are read with pread into freshly allocated memory rather than mmap'd: mapped
+    pages count towards the process's resident memory until unmapped, which would make a
+    merge's RSS grow with model size. Owned buffers are freed as soon as a tensor is done.
+    """
 
     def __init__(self, model_dir: Path, label: str | None = None):
         self.dir = Path(model_dir)
         self.label = label or self.dir.name
-        self._handles: dict[str, object] = {}
         self._file_of: dict[str, str] = {}
         self._info: dict[str, TensorInfo] = {}
+        self._range: dict[str, tuple[int, int]] = {}
+        self._fds: dict[str, int] = {}
         for file in self._shard_files():
-            handle = self._open(file)
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+            _, infos, ranges = read_header(self.dir / file, self.label)
+            for name, info in infos.items():
                 if name in self._file_of:
                     raise CheckpointError(f"{self.label}: tensor {name!r} appears in two shards")
-                sl = handle.get_slice(name)
-                code = sl.get_dtype()
-                if code not in CODE_DTYPES:
-                    raise CheckpointError(f"{self.label}: tensor {name!r} has unsupported dtype {code}")
                 self._file_of[name] = file
-                self._info[name] = TensorInfo(name, CODE_DTYPES[code], tuple(sl.get_shape()))
+                self._info[name] = info
+                self._range[name] = ranges[name]
 
     def _shard_files(self) -> list[str]:
         index = self.dir / INDEX_NAME
@@ -88,14 +141,11 @@ class CheckpointReader:
             raise CheckpointError(f"{self.label}: no .safetensors files in {self.dir}")
         return files
 
-    def _open(self, file: str):
-        path = self.dir / file
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # SafetensorsError, OSError: the user needs the file name
-            raise CheckpointError(f"{self.label}: {file} is not a readable safetensors file ({exc})") from None
-        self._handles[file] = handle
-        return handle
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(self.dir / file, os.O_RDONLY)
+        return fd
 
     @property
     def names(self) -> list[str]:
@@ -107,13 +157,55 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._info
 
-    def read(self, name: str) -> torch.Tensor:
-        try:
-            return self._handles[self._file_of[name]].get_tensor(name)
-        except KeyError:
-            raise CheckpointError(f"{self.label}: has no tensor {name!r}") from None
-        except Exception as exc:
-            raise CheckpointError(f"{self.label}: cannot read tensor {name!r} ({exc})") from None
+    def read(self, name: str, pin: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A new tensor holding `name`'s data, or rows [r0, r1) of it (dim 0).
+
+        Pinned host memory when asked, for fast host-to-device copies.
+        """
+        info = self._info.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.label}: has no tensor {name!r}")
+        begin, end = self._range[name]
+        shape = info.shape
+        if rows is not None and shape:
+            row_bytes = info.nbytes // max(shape[0], 1)
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        tensor = torch.empty(shape, dtype=info.dtype, pin_memory=pin)
+        if end > begin:
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            fd, done = self._fd(self._file_of[name]), 0
+            while done < end - begin:
+                got = os.preadv(fd, [view[done:]], begin + done)
+                if got <= 0:
+                    raise CheckpointError(f"{self.label}: short read of tensor {name!r} (file changed or truncated?)")
+                done += got
+        return tensor
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
+
+
+def row_chunks(info: TensorInfo, max_elements: int) -> list[tuple[int, int] | None]:
+    """Splits a tensor along dim 0 into pieces of at most ~max_elements (None = whole tensor).
+
+    Chunking bounds memory by the chunk size instead of the largest tensor (a 128k-vocab
+    embedding is 2 GB in float32); methods whose math is element-wise use it.
+    """
+    if not info.shape or len(info.shape) == 0:
+        return [None]
+    rows = info.shape[0]
+    per_row = max(1, info.nbytes // max(info.dtype.itemsize, 1) // max(rows, 1))
+    step = max(1, max_elements // per_row)
+    if step >= rows:
+        return [None]
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 def plan_shards(tensors: Iterable[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
@@ -159,13 +251,17 @@ class ShardedWriter:
         self.filenames = shard_filenames(len(self.shards))
         self._order = [(i, info) for i, shard in enumerate(self.shards) for info in shard]
         self._next = 0
+        self._written = 0
         self._fh = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Appends `tensor`, the whole planned tensor or its next row chunk, to the output."""
         if self._next >= len(self._order):
             raise CheckpointError(f"writer: unexpected extra tensor {name!r}")
         shard_index, info = self._order[self._next]
-        if name != info.name or tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+        nbytes = tensor.numel() * tensor.element_size()
+        fits = tensor.shape[1:] == info.shape[1:] or self._written == 0 and tuple(tensor.shape) == info.shape
+        if name != info.name or tensor.dtype != info.dtype or not fits or self._written + nbytes > info.nbytes:
             raise CheckpointError(
                 f"writer: expected {info.name} {info.dtype} {list(info.shape)}, "
                 f"got {name} {tensor.dtype} {list(tensor.shape)}"
@@ -173,8 +269,13 @@ class ShardedWriter:
         if self._fh is None:
             self._fh = open(self.out_dir / self.filenames[shard_index], "wb")  # noqa: SIM115
             self._fh.write(_header(self.shards[shard_index]))
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._fh.write(memoryview(data.numpy()))
+        if nbytes:
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            self._fh.write(memoryview(data.numpy()))
+        self._written += nbytes
+        if self._written < info.nbytes:
+            return
+        self._written = 0
         self._next += 1
         is_last_in_shard = self._next == len(self._order) or self._order[self._next][0] != shard_index
         if is_last_in_shard:

@@ -64,6 +64,41 @@ def run(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
     _print_summary(summary)
 
 
+@app.command()
+def merge(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
+          out: Path = typer.Option(..., help="output folder for the merged checkpoint")) -> None:
+    """Merge only (no evaluation, no publishing, no Prefect): the fastest path for one local merge."""
+    from tqdm import tqdm
+
+    from metamerge import stages
+    from metamerge.merge import merge_checkpoints
+    from metamerge.methods import plan_for
+    from metamerge.recipe import load_recipe
+
+    try:
+        rec = load_recipe(recipe)
+        plan = plan_for(rec.method)
+        workdir = Path(rec.workdir)
+        base = stages.resolve(rec.base, workdir)
+        finetunes = [stages.resolve(ft.ref, workdir) for ft in rec.finetunes]
+        labels = [ft.label for ft in rec.finetunes]
+        stats = [stages.extract(base, f, label, plan, rec.merge.vocab, workdir)
+                 for f, label in zip(finetunes, labels, strict=True)] if plan.needs_norms else []
+        coefficients = stages.solve(labels, stats, plan, rec.method.name)
+        with tqdm(total=1, unit="B", unit_scale=True, desc="merge", disable=None) as bar:
+            def progress(done: int, total: int, _name: str) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            report = merge_checkpoints(base.path, [(label, f.path) for label, f in zip(labels, finetunes, strict=True)],
+                                       coefficients, plan, out, dtype=rec.merge.dtype, device=rec.merge.device,
+                                       shard_size_mb=rec.merge.shard_size_mb, vocab=rec.merge.vocab, progress=progress)
+    except MetamergeError as exc:
+        _fail(exc)
+    typer.echo(f"λ per fine-tune: {json.dumps({k: round(v, 4) for k, v in coefficients.model_level().items()})}")
+    typer.echo(f"merged {report.tensors} tensors in {report.seconds:.2f}s on {report.device} -> {out}")
+
+
 def _print_summary(summary: dict) -> None:
     typer.echo(f"\nλ per fine-tune: {json.dumps({k: round(v, 4) for k, v in summary['coefficients'].items()})}")
     if summary.get("scores"):

@@ -66,7 +66,10 @@ def align(base: CheckpointReader, finetune: CheckpointReader, vocab: str = "base
     return Alignment(label=label, keep_rows=keep_rows)
 
 
-def read_aligned(reader: CheckpointReader, name: str, alignment: Alignment) -> torch.Tensor:
-    tensor = reader.read(name)
-    rows = alignment.keep_rows.get(name)
-    return tensor[:rows] if rows is not None else tensor
+def read_aligned(reader: CheckpointReader, name: str, alignment: Alignment, pin: bool = False,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Reads the fine-tune's tensor (or rows of it) trimmed to the base's vocabulary rows."""
+    keep = alignment.keep_rows.get(name)
+    if rows is None and keep is not None:
+        rows = (0, keep)
+    return reader.read(name, pin=pin, rows=rows)

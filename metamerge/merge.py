@@ -22,11 +22,19 @@ from pathlib import Path
 
 import torch
 
-from metamerge.checkpoint import CheckpointReader, ShardedWriter, TensorInfo, copy_aux_files, verify_checkpoint
+from metamerge import checkpoint
+from metamerge.checkpoint import (
+    CheckpointReader,
+    ShardedWriter,
+    TensorInfo,
+    copy_aux_files,
+    row_chunks,
+    verify_checkpoint,
+)
 from metamerge.coefficients import Coefficients
 from metamerge.compat import Alignment, align, read_aligned
 from metamerge.errors import CheckpointError
-from metamerge.methods import MergePlan, combine, sparsify_
+from metamerge.methods import MergePlan, chunked, combine, sparsify_
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ProgressFn = Callable[[int, int, str], None]
@@ -83,22 +91,25 @@ def output_plan(base: CheckpointReader, dtype: str) -> list[TensorInfo]:
 
 
 class _Inputs:
-    """Reads one tensor name from every checkpoint, ready for compute on `device`."""
+    """Reads one piece (a tensor or its row chunk) from every checkpoint, ready for `device`."""
 
     def __init__(self, base: CheckpointReader, finetunes: list[tuple[CheckpointReader, Alignment]], device: torch.device):
         self.base, self.finetunes, self.device = base, finetunes, device
 
-    def load(self, name: str) -> list[torch.Tensor]:
-        tensors = [self.base.read(name)] + [read_aligned(r, name, a) for r, a in self.finetunes]
-        if self.device.type == "cuda":
-            tensors = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+    def load(self, name: str, rows: tuple[int, int] | None) -> list[torch.Tensor]:
+        pin = self.device.type == "cuda"
+        tensors = [self.base.read(name, pin=pin, rows=rows)]
+        if self.base.info(name).is_float:
+            tensors += [read_aligned(r, name, a, pin=pin, rows=rows) for r, a in self.finetunes]
+        if pin:
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
         return tensors
 
 
-def _merge_tensor(
-    tensors: list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str,
+def _merge_piece(
+    tensors: list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, part: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (merged float32 tensor, gram of the raw task vectors [T, T] in float64)."""
+    """Returns (merged float32 piece, gram of the raw task vectors [T, T] in float64)."""
     base = tensors[0].to(torch.float32)
     flat_base = base.reshape(-1)
     taus = torch.empty((len(tensors) - 1, flat_base.numel()), dtype=torch.float32, device=base.device)
@@ -108,9 +119,9 @@ def _merge_tensor(
     if not bool(torch.isfinite(gram.diagonal()).all()):
         bad = [labels[i] for i in range(len(labels)) if not math.isfinite(float(gram[i, i]))]
         raise CheckpointError(f"tensor {name!r} contains NaN or Inf (fine-tune(s) {', '.join(bad)} or the base)")
-    sparsify_(taus, plan, labels, name)
+    sparsify_(taus, plan, labels, name, part)
     delta = combine(taus, weights, plan)
-    return (flat_base + delta).reshape(base.shape), gram
+    return delta.add_(flat_base).reshape(base.shape), gram
 
 
 def merge_checkpoints(
@@ -138,29 +149,36 @@ def merge_checkpoints(
 
     tensors_out = output_plan(base, dtype)
     total_bytes = sum(info.nbytes for info in tensors_out)
+    work = [
+        (info, rows)
+        for info in tensors_out
+        for rows in (row_chunks(base.info(info.name), checkpoint.CHUNK_ELEMENTS)
+                     if base.info(info.name).is_float and chunked(plan) else [None])
+    ]
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(tmp_dir, tensors_out, shard_size_mb * 1024 * 1024)
     inputs = _Inputs(base, pairs, compute_device)
     gram_total = torch.zeros((len(labels), len(labels)), dtype=torch.float64)
-    merged = copied = bytes_read = 0
+    bytes_read = 0
     rounding_num = rounding_den = 0.0
     weights_cache: dict[str, torch.Tensor] = {}
     try:
         with ThreadPoolExecutor(max_workers=1) as reader_pool, ThreadPoolExecutor(max_workers=1) as writer_pool:
-            pending_read: Future = reader_pool.submit(inputs.load, tensors_out[0].name)
+            pending_read: Future = reader_pool.submit(inputs.load, work[0][0].name, work[0][1])
             pending_write: Future | None = None
             done_bytes = 0
-            for index, info in enumerate(tensors_out):
+            for index, (info, rows) in enumerate(work):
                 tensors = pending_read.result()
-                if index + 1 < len(tensors_out):
-                    pending_read = reader_pool.submit(inputs.load, tensors_out[index + 1].name)
+                if index + 1 < len(work):
+                    pending_read = reader_pool.submit(inputs.load, work[index + 1][0].name, work[index + 1][1])
                 bytes_read += sum(t.numel() * t.element_size() for t in tensors)
-                if base.info(info.name).is_float:
+                if len(tensors) > 1:
                     group = coefficients.tensor_groups.get(info.name, "model")
                     if group not in weights_cache:
                         weights_cache[group] = torch.tensor(coefficients.groups[group], dtype=torch.float32, device=compute_device)
-                    result32, gram = _merge_tensor(tensors, weights_cache[group], plan, labels, info.name)
+                    result32, gram = _merge_piece(tensors, weights_cache[group], plan, labels, info.name,
+                                                  rows[0] if rows else 0)
                     gram_total += gram.cpu()
                     result = result32.to(info.dtype)
                     if info.dtype != torch.float32:
@@ -168,16 +186,14 @@ def merge_checkpoints(
                         lost = result.to(torch.float32) - result32
                         rounding_num += float(torch.linalg.vector_norm(lost, dtype=torch.float64)) ** 2
                         rounding_den += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
-                    if not bool(torch.isfinite(result).all()):
-                        raise CheckpointError(f"tensor {info.name!r} overflows {info.dtype} after merging")
-                    merged += 1
+                        if not bool(torch.isfinite(result).all()):
+                            raise CheckpointError(f"tensor {info.name!r} overflows {info.dtype} after merging")
                 else:
                     result = tensors[0]
-                    copied += 1
                 if pending_write is not None:
                     pending_write.result()
                 pending_write = writer_pool.submit(writer.write, info.name, result.to("cpu"))
-                done_bytes += info.nbytes
+                done_bytes += result.numel() * result.element_size()
                 if progress is not None:
                     progress(done_bytes, total_bytes, info.name)
             if pending_write is not None:
@@ -191,9 +207,10 @@ def merge_checkpoints(
         writer.abort()
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+    merged = sum(1 for info in tensors_out if base.info(info.name).is_float)
     return MergeReport(
         out_dir=out_dir, device=str(compute_device), tensors=len(tensors_out), merged_tensors=merged,
-        copied_tensors=copied, bytes_read=bytes_read, bytes_written=total_bytes,
+        copied_tensors=len(tensors_out) - merged, bytes_read=bytes_read, bytes_written=total_bytes,
         seconds=time.monotonic() - started, gram=gram_total.tolist(), labels=labels,
         delta_rounding_loss=math.sqrt(rounding_num / rounding_den) if rounding_den > 0 else 0.0,
     )

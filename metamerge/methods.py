@@ -74,22 +74,58 @@ def plan_for(method: Method) -> MergePlan:
     raise ValueError(f"unknown method {name!r}")
 
 
-def dare_generator(seed: int, task_label: str, tensor_name: str) -> torch.Generator:
-    """One reproducible stream per (seed, fine-tune, tensor), whatever the order of work."""
-    digest = hashlib.sha256(f"{seed}\0{task_label}\0{tensor_name}".encode()).digest()
+def dare_generator(seed: int, task_label: str, tensor_name: str, part: int = 0) -> torch.Generator:
+    """One reproducible stream per (seed, fine-tune, tensor, row chunk), whatever the order of work."""
+    suffix = f"\0{part}" if part else ""
+    digest = hashlib.sha256(f"{seed}\0{task_label}\0{tensor_name}{suffix}".encode()).digest()
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     return gen
 
 
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact k-th largest of a flat tensor, much faster than a full kthvalue on big tensors.
+
+    A fixed-seed sample brackets the answer, one pass counts what lies above the bracket and
+    keeps what lies inside it, and kthvalue runs on that small band only. Falls back to a
+    full kthvalue whenever the bracket misses, so the result is always exact.
+    """
+    n = values.numel()
+    if n <= 1 << 20:
+        return torch.kthvalue(values, n - k + 1).values
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    sample = values[torch.randint(n, (1 << 16,), generator=gen).to(values.device)]
+    quantile = 1.0 - k / n
+    lo = torch.quantile(sample, max(0.0, quantile - 0.01))
+    hi = torch.quantile(sample, min(1.0, quantile + 0.01))
+    above = int((values > hi).sum())
+    if above < k:
+        band = values[(values >= lo) & (values <= hi)]
+        need = k - above
+        if band.numel() >= need:
+            return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(values, n - k + 1).values
+
+
 def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keeps the int(density·n) largest |τ| entries (at least one)."""
-    flat = tau.reshape(-1)
-    k = max(1, int(density * flat.numel()))
-    if k >= flat.numel():
-        return torch.ones_like(flat, dtype=torch.bool).reshape(tau.shape)
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=tau.device)
-    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
+    """Keeps the int(density·n) largest |τ| entries (at least one); ties go to the lower index.
+
+    Deterministic tie-breaking matters with bf16 inputs, where many |τ| are exactly equal:
+    the same inputs must give the same merge on every device and every run.
+    """
+    flat = tau.reshape(-1).abs()
+    n = flat.numel()
+    k = max(1, int(density * n))
+    if k >= n:
+        return torch.ones(tau.shape, dtype=torch.bool, device=tau.device)
+    threshold = kth_largest(flat, k)
+    keep = flat > threshold
+    at_threshold = flat == threshold
+    missing = k - int(keep.sum())
+    if int(at_threshold.sum()) == missing:
+        keep |= at_threshold
+    else:
+        keep |= at_threshold & (torch.cumsum(at_threshold, 0) <= missing)
     return keep.reshape(tau.shape)
 
 
@@ -98,7 +134,7 @@ def random_mask(shape: torch.Size, density: float, generator: torch.Generator, d
     return (torch.rand(shape, generator=generator) < density).to(device)
 
 
-def sparsify_(taus: torch.Tensor, plan: MergePlan, labels: list[str], tensor_name: str) -> torch.Tensor:
+def sparsify_(taus: torch.Tensor, plan: MergePlan, labels: list[str], tensor_name: str, part: int = 0) -> torch.Tensor:
     """In place on `taus` [T, ...]: TIES trim or DARE drop-and-rescale; returns `taus`."""
     if plan.sparsify == "none" or plan.density >= 1.0:
         return taus
@@ -106,7 +142,7 @@ def sparsify_(taus: torch.Tensor, plan: MergePlan, labels: list[str], tensor_nam
         if plan.sparsify == "magnitude":
             taus[t].mul_(magnitude_mask(taus[t], plan.density))
         else:
-            gen = dare_generator(int(plan.seed or 0), labels[t], tensor_name)
+            gen = dare_generator(int(plan.seed or 0), labels[t], tensor_name, part)
             taus[t].mul_(random_mask(taus[t].shape, plan.density, gen, taus.device))
             taus[t].div_(plan.density)
     return taus
@@ -135,7 +171,17 @@ def combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan) -> torch
     return delta
 
 
-def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str) -> float:
+def chunked(plan: MergePlan) -> bool:
+    """TIES' trim needs a whole tensor's magnitudes; every other kernel is element-wise."""
+    return plan.sparsify != "magnitude"
+
+
+def sq_norm(tau: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+
+
+def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0) -> float:
     """‖sparsify(τ)‖², which is what MetaGPT weighs when combined with TIES or DARE."""
-    sparse = sparsify_(tau.unsqueeze(0).clone(), plan, [label], tensor_name)[0]
-    return float(torch.sum(sparse.double() ** 2))
+    if plan.sparsify == "none":
+        return sq_norm(tau)
+    return sq_norm(sparsify_(tau.unsqueeze(0), plan, [label], tensor_name, part)[0])

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from metamerge.checkpoint import CheckpointReader
+from metamerge import checkpoint
+from metamerge.checkpoint import CheckpointReader, row_chunks
 from metamerge.compat import align, read_aligned
 from metamerge.errors import CheckpointError
-from metamerge.methods import MergePlan, sq_norm_after_sparsify
+from metamerge.methods import MergePlan, chunked, sq_norm_after_sparsify
 
 STATS_VERSION = 1
 
@@ -54,17 +55,19 @@ def extract_stats(
     sq_norms: dict[str, float] = {}
     numel = changed = 0
     for name in base.names:
-        if not base.info(name).is_float:
+        info = base.info(name)
+        if not info.is_float:
             continue
-        tau = read_aligned(finetune, name, alignment).to(torch.float32) - base.read(name).to(torch.float32)
-        value = sq_norm_after_sparsify(tau, plan, label, name) if plan.sparsify != "none" else float(
-            torch.sum(tau.double() ** 2)
-        )
+        value = 0.0
+        for rows in row_chunks(info, checkpoint.CHUNK_ELEMENTS) if chunked(plan) else [None]:
+            tau = read_aligned(finetune, name, alignment, rows=rows).to(torch.float32)
+            tau.sub_(base.read(name, rows=rows).to(torch.float32))
+            value += sq_norm_after_sparsify(tau, plan, label, name, rows[0] if rows else 0)
         if not math.isfinite(value):
             raise CheckpointError(
                 f"fine-tune {label!r}: tensor {name!r} contains NaN or Inf (in the fine-tune or the base)"
             )
         sq_norms[name] = value
-        numel += tau.numel()
+        numel += math.prod(info.shape)
         changed += value > 0
     return TaskVectorStats(label=label, sq_norms=sq_norms, numel=numel, changed_tensors=changed)

@@ -1,0 +1,45 @@
+"""The CUDA path must equal the CPU path. Runs only where a GPU exists (skipped in CI)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from metamerge.coefficients import solve_constant, solve_metagpt
+from metamerge.merge import merge_checkpoints, resolve_device
+from metamerge.methods import MergePlan
+from tests.helpers import random_family
+
+LABELS = ["ft0", "ft1", "ft2"]
+PLANS = {
+    "metagpt": MergePlan(),
+    "ties": MergePlan(sparsify="magnitude", density=0.2, consensus="ties", weighting="constant", normalize=True),
+    "dare": MergePlan(sparsify="random", density=0.5, seed=1, weighting="constant", weight=0.3),
+}
+
+
+def test_auto_device_is_cpu_without_cuda():
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("method", sorted(PLANS))
+def test_cuda_equals_cpu(tmp_path, method):
+    base_dir, ft_dirs, base, fts = random_family(tmp_path, dtype=torch.bfloat16, layers=3)
+    plan = PLANS[method]
+    if plan.weighting == "metagpt":
+        norms = {n: {k: float(torch.sum((ft[k].double() - base[k].double()) ** 2)) for k in base
+                     if base[k].is_floating_point()} for n, ft in zip(LABELS, fts, strict=True)}
+        coefficients = solve_metagpt(LABELS, norms)
+    else:
+        coefficients = solve_constant(LABELS, plan.weight, method)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        report = merge_checkpoints(base_dir, list(zip(LABELS, ft_dirs, strict=True)), coefficients, plan,
+                                   tmp_path / device, device=device)
+        assert report.device.startswith(device)
+        outs[device] = {}
+        for f in (tmp_path / device).glob("*.safetensors"):
+            outs[device].update(load_file(str(f)))
+    for k in outs["cpu"]:
+        torch.testing.assert_close(outs["cuda"][k].float(), outs["cpu"][k].float(), rtol=1e-2, atol=1e-2)
