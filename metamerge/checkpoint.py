@@ -8,7 +8,6 @@ memory is therefore one tensor, not one shard, whatever the shard size.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -157,6 +156,10 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self._info
 
+    def piece_shape(self, name: str, rows: tuple[int, int] | None = None) -> tuple[int, ...]:
+        shape = self._info[name].shape
+        return shape if rows is None or not shape else (rows[1] - rows[0], *shape[1:])
+
     def read(self, name: str, pin: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A new tensor holding `name`'s data, or rows [r0, r1) of it (dim 0).
 
@@ -165,22 +168,29 @@ class CheckpointReader:
         info = self._info.get(name)
         if info is None:
             raise CheckpointError(f"{self.label}: has no tensor {name!r}")
+        tensor = torch.empty(self.piece_shape(name, rows), dtype=info.dtype, pin_memory=pin)
+        self.read_into(name, tensor, rows)
+        return tensor
+
+    def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Fills a caller-owned contiguous buffer of the tensor's dtype: no allocation, no page faults."""
+        info = self._info.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.label}: has no tensor {name!r}")
         begin, end = self._range[name]
-        shape = info.shape
-        if rows is not None and shape:
-            row_bytes = info.nbytes // max(shape[0], 1)
+        if rows is not None and info.shape:
+            row_bytes = info.nbytes // max(info.shape[0], 1)
             begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
-            shape = (rows[1] - rows[0], *shape[1:])
-        tensor = torch.empty(shape, dtype=info.dtype, pin_memory=pin)
+        if out.dtype != info.dtype or not out.is_contiguous() or out.numel() * out.element_size() != end - begin:
+            raise CheckpointError(f"{self.label}: buffer does not fit tensor {name!r}")
         if end > begin:
-            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
             fd, done = self._fd(self._file_of[name]), 0
             while done < end - begin:
                 got = os.preadv(fd, [view[done:]], begin + done)
                 if got <= 0:
                     raise CheckpointError(f"{self.label}: short read of tensor {name!r} (file changed or truncated?)")
                 done += got
-        return tensor
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -188,8 +198,10 @@ class CheckpointReader:
         self._fds.clear()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown
+        try:  # noqa: SIM105 - at interpreter shutdown even contextlib may be gone
             self.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def row_chunks(info: TensorInfo, max_elements: int) -> list[tuple[int, int] | None]:

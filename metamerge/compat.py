@@ -66,10 +66,32 @@ def align(base: CheckpointReader, finetune: CheckpointReader, vocab: str = "base
     return Alignment(label=label, keep_rows=keep_rows)
 
 
+def aligned_rows(alignment: Alignment, name: str, rows: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Rows to read from the fine-tune so that it lines up with the base's rows."""
+    keep = alignment.keep_rows.get(name)
+    return (0, keep) if rows is None and keep is not None else rows
+
+
 def read_aligned(reader: CheckpointReader, name: str, alignment: Alignment, pin: bool = False,
                  rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Reads the fine-tune's tensor (or rows of it) trimmed to the base's vocabulary rows."""
-    keep = alignment.keep_rows.get(name)
-    if rows is None and keep is not None:
-        rows = (0, keep)
-    return reader.read(name, pin=pin, rows=rows)
+    return reader.read(name, pin=pin, rows=aligned_rows(alignment, name, rows))
+
+
+def tied_aliases(base: CheckpointReader) -> dict[str, str]:
+    """Vocabulary tensors stored twice but equal in the base (tied embeddings) -> one name.
+
+    Random sparsification (DARE) draws its mask from the tensor's name; giving tied tensors
+    one name gives them one mask, so tied embeddings stay tied after the merge. Decided on the
+    base alone so that extraction and merge, which see different inputs, always agree.
+    """
+    candidates = [n for n in base.names if _is_vocab_tensor(n) and base.info(n).is_float]
+    aliases: dict[str, str] = {}
+    for i, first in enumerate(candidates):
+        for second in candidates[i + 1 :]:
+            a, b = base.info(first), base.info(second)
+            if second in aliases or (a.dtype, a.shape) != (b.dtype, b.shape):
+                continue
+            if torch.equal(base.read(first), base.read(second)):
+                aliases[second] = first
+    return aliases

@@ -32,7 +32,7 @@ from metamerge.checkpoint import (
     verify_checkpoint,
 )
 from metamerge.coefficients import Coefficients
-from metamerge.compat import Alignment, align, read_aligned
+from metamerge.compat import Alignment, align, aligned_rows, tied_aliases
 from metamerge.errors import CheckpointError
 from metamerge.methods import MergePlan, chunked, combine, sparsify_
 
@@ -90,38 +90,88 @@ def output_plan(base: CheckpointReader, dtype: str) -> list[TensorInfo]:
     return plan
 
 
+class _Workspace:
+    """Reusable float32 buffers of one in-flight piece: inputs [T+1, capacity] and its result.
+
+    Two of them alternate (read piece i+1 while computing piece i, write piece i while
+    computing i+1); reusing buffers avoids a page fault per fresh megabyte, which otherwise
+    costs as much as the arithmetic.
+    """
+
+    def __init__(self, inputs: int, capacity: int, pin: bool):
+        self.capacity = capacity
+        self.inputs = torch.empty((inputs, capacity), dtype=torch.float32, pin_memory=pin)
+        self.result = torch.empty(capacity, dtype=torch.float32)
+
+
 class _Inputs:
-    """Reads one piece (a tensor or its row chunk) from every checkpoint, ready for `device`."""
+    """Reads one piece (a tensor or its row chunk) of every checkpoint as float32 rows."""
 
     def __init__(self, base: CheckpointReader, finetunes: list[tuple[CheckpointReader, Alignment]], device: torch.device):
         self.base, self.finetunes, self.device = base, finetunes, device
 
-    def load(self, name: str, rows: tuple[int, int] | None) -> list[torch.Tensor]:
+    def load(self, name: str, rows: tuple[int, int] | None, workspace: _Workspace) -> torch.Tensor:
+        """[T+1, n] float32 on the compute device; row 0 is the base. Non-float: the raw tensor."""
+        if not self.base.info(name).is_float:
+            return self.base.read(name, rows=rows)
+        n = math.prod(self.base.piece_shape(name, rows))
         pin = self.device.type == "cuda"
-        tensors = [self.base.read(name, pin=pin, rows=rows)]
-        if self.base.info(name).is_float:
-            tensors += [read_aligned(r, name, a, pin=pin, rows=rows) for r, a in self.finetunes]
-        if pin:
-            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
-        return tensors
+        if n <= workspace.capacity:
+            stacked = workspace.inputs[:, :n]
+        else:
+            stacked = torch.empty((len(self.finetunes) + 1, n), dtype=torch.float32, pin_memory=pin)
+        sources = [(self.base, rows)] + [(r, aligned_rows(a, name, rows)) for r, a in self.finetunes]
+        for row, (reader, piece_rows) in zip(stacked, sources, strict=True):
+            if reader.info(name).dtype == torch.float32:
+                reader.read_into(name, row, piece_rows)
+            else:
+                row.copy_(reader.read(name, rows=piece_rows).reshape(-1))
+        return stacked.to(self.device) if pin else stacked
 
 
 def _merge_piece(
-    tensors: list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, part: int,
+    stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, part: int,
+    out: torch.Tensor | None, seed_name: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (merged float32 piece, gram of the raw task vectors [T, T] in float64)."""
-    base = tensors[0].to(torch.float32)
-    flat_base = base.reshape(-1)
-    taus = torch.empty((len(tensors) - 1, flat_base.numel()), dtype=torch.float32, device=base.device)
-    for t, ft in enumerate(tensors[1:]):
-        torch.sub(ft.reshape(-1).to(torch.float32), flat_base, out=taus[t])
+    """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64).
+
+    Works in place: rows 1..T of `stacked` become the task vectors; row 0 stays the base.
+    """
+    if plan.sparsify == "none" and plan.consensus == "none" and not plan.normalize and out is not None:
+        return _linear_piece_blocked(stacked, weights, plan, labels, name, out)
+    base, taus = stacked[0], stacked[1:]
+    taus.sub_(base)
     gram = (taus @ taus.T).double()
     if not bool(torch.isfinite(gram.diagonal()).all()):
         bad = [labels[i] for i in range(len(labels)) if not math.isfinite(float(gram[i, i]))]
         raise CheckpointError(f"tensor {name!r} contains NaN or Inf (fine-tune(s) {', '.join(bad)} or the base)")
-    sparsify_(taus, plan, labels, name, part)
-    delta = combine(taus, weights, plan)
-    return delta.add_(flat_base).reshape(base.shape), gram
+    sparsify_(taus, plan, labels, seed_name or name, part)
+    delta = combine(taus, weights, plan, out=out)
+    return delta.add_(base), gram
+
+
+LINEAR_BLOCK = 1 << 15
+
+
+def _linear_piece_blocked(
+    stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear merges in cache-sized column blocks: τ, the gram and θ₀ + Σ w τ touch memory once."""
+    count = stacked.shape[0] - 1
+    gram = torch.zeros((count, count), dtype=torch.float64)
+    row = weights.reshape(1, -1) * plan.scale
+    for start in range(0, stacked.shape[1], LINEAR_BLOCK):
+        block = stacked[:, start : start + LINEAR_BLOCK]
+        taus = block[1:]
+        taus.sub_(block[0])
+        gram += (taus @ taus.T).double()
+        target = out[start : start + LINEAR_BLOCK].reshape(1, -1)
+        torch.matmul(row, taus, out=target)
+        target.add_(block[0])
+    if not bool(torch.isfinite(gram.diagonal()).all()):
+        bad = [labels[i] for i in range(count) if not math.isfinite(float(gram[i, i]))]
+        raise CheckpointError(f"tensor {name!r} contains NaN or Inf (fine-tune(s) {', '.join(bad)} or the base)")
+    return out[: stacked.shape[1]], gram
 
 
 def merge_checkpoints(
@@ -159,37 +209,45 @@ def merge_checkpoints(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(tmp_dir, tensors_out, shard_size_mb * 1024 * 1024)
     inputs = _Inputs(base, pairs, compute_device)
+    aliases = tied_aliases(base) if plan.sparsify == "random" else {}
+    capacity = checkpoint.CHUNK_ELEMENTS  # whole tensors larger than this (TIES only) get their own buffers
+    workspaces = [_Workspace(len(labels) + 1, capacity, compute_device.type == "cuda") for _ in range(2)]
     gram_total = torch.zeros((len(labels), len(labels)), dtype=torch.float64)
     bytes_read = 0
     rounding_num = rounding_den = 0.0
     weights_cache: dict[str, torch.Tensor] = {}
     try:
         with ThreadPoolExecutor(max_workers=1) as reader_pool, ThreadPoolExecutor(max_workers=1) as writer_pool:
-            pending_read: Future = reader_pool.submit(inputs.load, work[0][0].name, work[0][1])
+            pending_read: Future = reader_pool.submit(inputs.load, work[0][0].name, work[0][1], workspaces[0])
             pending_write: Future | None = None
             done_bytes = 0
             for index, (info, rows) in enumerate(work):
-                tensors = pending_read.result()
+                loaded = pending_read.result()
+                workspace = workspaces[index % 2]
                 if index + 1 < len(work):
-                    pending_read = reader_pool.submit(inputs.load, work[index + 1][0].name, work[index + 1][1])
-                bytes_read += sum(t.numel() * t.element_size() for t in tensors)
-                if len(tensors) > 1:
+                    following = work[index + 1]
+                    pending_read = reader_pool.submit(inputs.load, following[0].name, following[1], workspaces[(index + 1) % 2])
+                shape = base.piece_shape(info.name, rows)
+                bytes_read += loaded.numel() * loaded.element_size()
+                if base.info(info.name).is_float:
                     group = coefficients.tensor_groups.get(info.name, "model")
                     if group not in weights_cache:
                         weights_cache[group] = torch.tensor(coefficients.groups[group], dtype=torch.float32, device=compute_device)
-                    result32, gram = _merge_piece(tensors, weights_cache[group], plan, labels, info.name,
-                                                  rows[0] if rows else 0)
+                    n = loaded.shape[1]
+                    out = workspace.result[:n] if n <= workspace.capacity and compute_device.type == "cpu" else None
+                    result32, gram = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
+                                                  rows[0] if rows else 0, out, aliases.get(info.name))
                     gram_total += gram.cpu()
-                    result = result32.to(info.dtype)
+                    result = result32.reshape(shape).to(info.dtype)
                     if info.dtype != torch.float32:
-                        delta = result32 - tensors[0].to(torch.float32)
-                        lost = result.to(torch.float32) - result32
+                        base32 = loaded[0].reshape(shape)
+                        lost = result.to(torch.float32) - result32.reshape(shape)
                         rounding_num += float(torch.linalg.vector_norm(lost, dtype=torch.float64)) ** 2
-                        rounding_den += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+                        rounding_den += float(torch.linalg.vector_norm(result32.reshape(shape) - base32, dtype=torch.float64)) ** 2
                         if not bool(torch.isfinite(result).all()):
                             raise CheckpointError(f"tensor {info.name!r} overflows {info.dtype} after merging")
                 else:
-                    result = tensors[0]
+                    result = loaded
                 if pending_write is not None:
                     pending_write.result()
                 pending_write = writer_pool.submit(writer.write, info.name, result.to("cpu"))

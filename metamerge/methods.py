@@ -98,7 +98,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     quantile = 1.0 - k / n
     lo = torch.quantile(sample, max(0.0, quantile - 0.01))
     hi = torch.quantile(sample, min(1.0, quantile + 0.01))
-    above = int((values > hi).sum())
+    above = int(torch.count_nonzero(values > hi))
     if above < k:
         band = values[(values >= lo) & (values <= hi)]
         need = k - above
@@ -113,20 +113,22 @@ def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
     Deterministic tie-breaking matters with bf16 inputs, where many |τ| are exactly equal:
     the same inputs must give the same merge on every device and every run.
     """
-    flat = tau.reshape(-1).abs()
-    n = flat.numel()
+    return ~_magnitude_drop(tau.reshape(-1).abs(), density).reshape(tau.shape)
+
+
+def _magnitude_drop(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
+    """Flat bool mask of the entries TIES' trim removes."""
+    n = magnitudes.numel()
     k = max(1, int(density * n))
     if k >= n:
-        return torch.ones(tau.shape, dtype=torch.bool, device=tau.device)
-    threshold = kth_largest(flat, k)
-    keep = flat > threshold
-    at_threshold = flat == threshold
-    missing = k - int(keep.sum())
-    if int(at_threshold.sum()) == missing:
-        keep |= at_threshold
-    else:
-        keep |= at_threshold & (torch.cumsum(at_threshold, 0) <= missing)
-    return keep.reshape(tau.shape)
+        return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    threshold = kth_largest(magnitudes, k)
+    drop = magnitudes < threshold
+    kept = n - int(torch.count_nonzero(drop))
+    if kept > k:  # exact ties at the threshold: keep the lowest-index ones only
+        tied = torch.nonzero(magnitudes == threshold).flatten()
+        drop[tied[tied.numel() - (kept - k) :]] = True
+    return drop
 
 
 def random_mask(shape: torch.Size, density: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -140,7 +142,8 @@ def sparsify_(taus: torch.Tensor, plan: MergePlan, labels: list[str], tensor_nam
         return taus
     for t in range(taus.shape[0]):
         if plan.sparsify == "magnitude":
-            taus[t].mul_(magnitude_mask(taus[t], plan.density))
+            flat = taus[t].reshape(-1)
+            flat.masked_fill_(_magnitude_drop(flat.abs(), plan.density), 0.0)
         else:
             gen = dare_generator(int(plan.seed or 0), labels[t], tensor_name, part)
             taus[t].mul_(random_mask(taus[t].shape, plan.density, gen, taus.device))
@@ -148,27 +151,46 @@ def sparsify_(taus: torch.Tensor, plan: MergePlan, labels: list[str], tensor_nam
     return taus
 
 
-def combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """Δ = scale · Σ_t w_t m_t τ_t / (Σ_t w_t m_t if normalize else 1), m from sign election."""
-    w = weights.reshape(-1, *([1] * (taus.dim() - 1)))
+def combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Δ = scale · Σ_t w_t m_t τ_t / (Σ_t w_t m_t if normalize else 1), m from sign election.
+
+    The linear case is one matrix-vector product over [T, n] (a single memory pass), written
+    into `out` when given so the streaming engine can reuse its buffers.
+    """
     if plan.consensus == "none" and not plan.normalize:
-        delta = torch.tensordot(weights, taus, dims=1)
+        flat = taus.reshape(taus.shape[0], -1)
+        delta = torch.matmul(weights.reshape(1, -1), flat, out=None if out is None else out.reshape(1, -1))
+        delta = delta.reshape(taus.shape[1:])
     else:
-        weighted = taus * w
-        if plan.consensus == "ties":
-            majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(taus.dtype)
-            mask = (torch.sign(taus) == majority).to(taus.dtype)
-            weighted.mul_(mask)
-        else:
-            mask = torch.ones_like(taus)
-        delta = weighted.sum(dim=0)
-        if plan.normalize:
-            divisor = (w * mask).sum(dim=0)
-            divisor[divisor == 0] = 1.0
-            delta.div_(divisor)
+        flat = taus.reshape(taus.shape[0], -1)
+        delta = torch.empty(flat.shape[1], dtype=taus.dtype, device=taus.device) if out is None else out.reshape(-1)
+        # cache-sized blocks: the election takes ~10 element-wise passes, cheap only in cache
+        for start in range(0, flat.shape[1], CONSENSUS_BLOCK):
+            block = flat[:, start : start + CONSENSUS_BLOCK]
+            _elect_and_combine(block, weights, plan, delta[start : start + CONSENSUS_BLOCK])
+        delta = delta.reshape(taus.shape[1:])
     if plan.scale != 1.0:
         delta.mul_(plan.scale)
     return delta
+
+
+CONSENSUS_BLOCK = 1 << 16
+
+
+def _elect_and_combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor) -> None:
+    """TIES on a [T, b] block: sign of Σ w τ (0 elects +), keep agreeing entries, sum or mean."""
+    w = weights.reshape(-1, 1)
+    if plan.consensus == "ties":
+        majority = torch.where(torch.matmul(weights, taus) >= 0, 1.0, -1.0).to(taus.dtype)
+        mask = (torch.sign(taus) == majority).to(taus.dtype)
+    else:
+        mask = torch.ones_like(taus)
+    weighted_mask = mask.mul_(w)
+    torch.sum(taus * weighted_mask, dim=0, out=out)
+    if plan.normalize:
+        divisor = weighted_mask.sum(dim=0)
+        divisor[divisor == 0] = 1.0
+        out.div_(divisor)
 
 
 def chunked(plan: MergePlan) -> bool:

@@ -16,7 +16,7 @@ import torch
 
 from metamerge import checkpoint
 from metamerge.checkpoint import CheckpointReader, row_chunks
-from metamerge.compat import align, read_aligned
+from metamerge.compat import align, aligned_rows, tied_aliases
 from metamerge.errors import CheckpointError
 from metamerge.methods import MergePlan, chunked, sq_norm_after_sparsify
 
@@ -54,15 +54,18 @@ def extract_stats(
     alignment = align(base, finetune, vocab)
     sq_norms: dict[str, float] = {}
     numel = changed = 0
+    capacity = checkpoint.CHUNK_ELEMENTS
+    aliases = tied_aliases(base) if plan.sparsify == "random" else {}
+    ft_buffer, base_buffer = torch.empty(capacity), torch.empty(capacity)
     for name in base.names:
         info = base.info(name)
         if not info.is_float:
             continue
         value = 0.0
-        for rows in row_chunks(info, checkpoint.CHUNK_ELEMENTS) if chunked(plan) else [None]:
-            tau = read_aligned(finetune, name, alignment, rows=rows).to(torch.float32)
-            tau.sub_(base.read(name, rows=rows).to(torch.float32))
-            value += sq_norm_after_sparsify(tau, plan, label, name, rows[0] if rows else 0)
+        for rows in row_chunks(info, capacity) if chunked(plan) else [None]:
+            tau = _read_f32(finetune, name, aligned_rows(alignment, name, rows), ft_buffer)
+            tau.sub_(_read_f32(base, name, rows, base_buffer))
+            value += sq_norm_after_sparsify(tau, plan, label, aliases.get(name, name), rows[0] if rows else 0)
         if not math.isfinite(value):
             raise CheckpointError(
                 f"fine-tune {label!r}: tensor {name!r} contains NaN or Inf (in the fine-tune or the base)"
@@ -71,3 +74,16 @@ def extract_stats(
         numel += math.prod(info.shape)
         changed += value > 0
     return TaskVectorStats(label=label, sq_norms=sq_norms, numel=numel, changed_tensors=changed)
+
+
+def _read_f32(reader: CheckpointReader, name: str, rows: tuple[int, int] | None, buffer: torch.Tensor) -> torch.Tensor:
+    """A float32 flat view of the piece, in `buffer` when it fits (no allocation)."""
+    n = math.prod(reader.piece_shape(name, rows))
+    if n > buffer.numel():
+        return reader.read(name, rows=rows).reshape(-1).to(torch.float32)
+    target = buffer[:n]
+    if reader.info(name).dtype == torch.float32:
+        reader.read_into(name, target, rows)
+    else:
+        target.copy_(reader.read(name, rows=rows).reshape(-1))
+    return target

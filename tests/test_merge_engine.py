@@ -136,3 +136,47 @@ def test_an_existing_output_is_replaced_atomically(tmp_path):
     merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("ft1", ft_dirs[1])], solve_constant(["ft0", "ft1"], 0.5, "average"),
                       MergePlan(weighting="uniform"), out, device="cpu")
     assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").exists()
+
+
+def test_smaller_vocab_in_a_finetune_is_a_clear_error(tmp_path):
+    base_dir, ft_dirs, base, fts = random_family(tmp_path, n_finetunes=2)
+    shrunk = dict(fts[1])
+    shrunk["model.embed_tokens.weight"] = fts[1]["model.embed_tokens.weight"][:30]
+    write_checkpoint(tmp_path / "shrunk", shrunk)
+    out = tmp_path / "merged"
+    with pytest.raises(CheckpointError, match=r"tensor 'model.embed_tokens.weight' has shape \[30, 12\], base has \[37, 12\]"):
+        merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("shrunk", tmp_path / "shrunk")],
+                          solve_constant(["ft0", "shrunk"], 0.5, "average"), MergePlan(weighting="uniform"), out,
+                          device="cpu")
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))
+
+
+@pytest.mark.parametrize("plan", [
+    MergePlan(weighting="constant", weight=0.3),
+    MergePlan(sparsify="magnitude", density=0.2, consensus="ties", weighting="constant", normalize=True),
+    MergePlan(sparsify="random", density=0.5, seed=3, weighting="constant", weight=0.3),
+])
+def test_unchanged_and_tied_tensors(tmp_path, plan):
+    """A tensor equal in all inputs comes out bit-identical; tied embeddings stay tied."""
+    gen = torch.Generator().manual_seed(1)
+    base = {"model.embed_tokens.weight": torch.randn(9, 4, generator=gen).to(torch.bfloat16),
+            "model.norm.weight": torch.randn(4, generator=gen).to(torch.bfloat16),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=gen).to(torch.bfloat16)}
+    base["lm_head.weight"] = base["model.embed_tokens.weight"].clone()
+    write_checkpoint(tmp_path / "base", base)
+    fts = []
+    for t in range(2):
+        ft = {k: v.clone() for k, v in base.items()}
+        emb = (base["model.embed_tokens.weight"].float() + 0.1 * torch.randn(9, 4, generator=gen)).to(torch.bfloat16)
+        ft["model.embed_tokens.weight"], ft["lm_head.weight"] = emb, emb.clone()
+        ft["model.layers.0.mlp.up_proj.weight"] = (base["model.layers.0.mlp.up_proj.weight"].float()
+                                                   + 0.1 * torch.randn(6, 4, generator=gen)).to(torch.bfloat16)
+        write_checkpoint(tmp_path / f"ft{t}", ft)
+        fts.append(ft)
+    out = tmp_path / "merged"
+    merge_checkpoints(tmp_path / "base", [("ft0", tmp_path / "ft0"), ("ft1", tmp_path / "ft1")],
+                      solve_constant(["ft0", "ft1"], plan.weight, "m"), plan, out, device="cpu")
+    got = _read_all(out)
+    assert torch.equal(got["model.norm.weight"], base["model.norm.weight"])
+    assert torch.equal(got["model.embed_tokens.weight"], got["lm_head.weight"])
+    assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
