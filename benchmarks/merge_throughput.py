@@ -58,7 +58,7 @@ def llama_tensors(hidden: int, layers: int, vocab: int, intermediate: int, seed:
     return out
 
 
-def write_model(folder: Path, tensors: dict, shard_bytes: int = 1 << 30) -> None:
+def write_model(folder: Path, tensors: dict, config: dict, shard_bytes: int = 1 << 30) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     shard, size, shards = {}, 0, []
     for name, t in tensors.items():
@@ -74,18 +74,31 @@ def write_model(folder: Path, tensors: dict, shard_bytes: int = 1 << 30) -> None
         save_file(part, str(folder / fname))
         weight_map.update({k: fname for k in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32"}))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def llama_config(hidden: int, layers: int, vocab: int, intermediate: int) -> dict:
+    """A real LlamaForCausalLM config: mergekit reads the architecture from it."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab, intermediate_size=intermediate,
+                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+                         tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    data = config.to_dict()
+    data["torch_dtype"] = "float32"
+    return data
 
 
 def build_family(work: Path, dims: dict) -> tuple[Path, list[Path]]:
-    key = "-".join(f"{k}{v}" for k, v in sorted(dims.items()))
+    key = "v2-" + "-".join(f"{k}{v}" for k, v in sorted(dims.items()))
     root = work / f"family-{key}"
     if not (root / "done").exists():
         shutil.rmtree(root, ignore_errors=True)
+        config = llama_config(**dims)
         base = llama_tensors(**dims, seed=0)
-        write_model(root / "base", base)
+        write_model(root / "base", base, config)
         for i, label in enumerate(LABELS):
-            write_model(root / label, llama_tensors(**dims, seed=i + 1, base=base))
+            write_model(root / label, llama_tensors(**dims, seed=i + 1, base=base), config)
         (root / "done").write_text("ok")
     return root / "base", [root / label for label in LABELS]
 
@@ -142,6 +155,79 @@ def ours(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path) ->
     return elapsed
 
 
+def run_process(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB, VmHWM polled from /proc) of a whole process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak_kb = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM"):
+                    peak_kb = max(peak_kb, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr.read().decode()[-2000:]}")
+    return elapsed, peak_kb / 1024
+
+
+MERGEKIT_METHODS = {"task_arithmetic": ({"weight": 0.3}, {}), "ties": ({"weight": 1.0, "density": 0.2}, {"normalize": True})}
+
+
+def mergekit_python(work: Path) -> Path:
+    """mergekit in its own virtualenv (never a dependency of the project), same torch pin."""
+    venv = work / "mergekit-venv"
+    if not (venv / "bin" / "mergekit-yaml").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        constraints = ROOT.parent / "constraints.txt"
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(constraints), "mergekit"], check=True)
+    return venv / "bin" / "mergekit-yaml"
+
+
+def mergekit_process(exe: Path, base: Path, fts: list[Path], method: str, out_dir: Path, work: Path) -> tuple[float, float]:
+    import yaml
+
+    params, global_params = MERGEKIT_METHODS[method]
+    config = {"merge_method": method, "base_model": str(base), "dtype": "float32",
+              "models": [{"model": str(p), "parameters": params} for p in fts]}
+    if global_params:
+        config["parameters"] = global_params
+    path = work / f"mergekit-{method}.yml"
+    path.write_text(yaml.safe_dump(config))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return run_process([str(exe), str(path), str(out_dir), "--lazy-unpickle"])
+
+
+def ours_process(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path) -> tuple[float, float]:
+    import yaml
+
+    recipe = {"name": f"bench-{method}", "base": str(base), "method": {"name": method},
+              "finetunes": [{"ref": str(p), "name": p.name} for p in fts],
+              "merge": {"device": "cpu", "shard_size_mb": 1000}, "workdir": str(work / "wd-process")}
+    path = work / f"ours-{method}.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    shutil.rmtree(work / "wd-process" / "stats", ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    exe = Path(sys.executable).parent / "metamerge"
+    return run_process([str(exe), "merge", str(path), "--out", str(out_dir)])
+
+
+def max_abs_diff(ours_dir: Path, theirs_dir: Path) -> float:
+    """Same inputs, same method: our output against mergekit's, tensor by tensor."""
+    from metamerge.checkpoint import CheckpointReader
+
+    ours_r, theirs_r = CheckpointReader(ours_dir), CheckpointReader(theirs_dir)
+    worst = 0.0
+    for name in ours_r.names:
+        if name in theirs_r:
+            diff = (ours_r.read(name).float() - theirs_r.read(name).float()).abs().max()
+            worst = max(worst, float(diff))
+    return worst
+
+
 def peak_rss_mb_of_merge(base: Path, fts: list[Path], out_dir: Path, work: Path) -> float:
     code = (
         f"import sys, resource; sys.path.insert(0, {str(ROOT.parent)!r})\n"
@@ -160,6 +246,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="task_arithmetic,metagpt,ties")
     parser.add_argument("--work", type=Path, default=ROOT / "work")
+    parser.add_argument("--mergekit", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time mergekit-yaml (installed into its own venv under --work)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     dims = SIZES[args.size]
@@ -174,6 +262,25 @@ def main() -> None:
         results["ours_s"][method] = min(ours(base, fts, method, out / method, args.work) for _ in range(args.repeats))
         shutil.rmtree(out / method, ignore_errors=True)
     results["ratio_to_io_floor"] = {m: round(s / results["io_floor_s"], 3) for m, s in results["ours_s"].items()}
+    results["ours_process_s"], results["ours_process_peak_rss_mb"] = {}, {}
+    for method in args.methods.split(","):
+        runs = [ours_process(base, fts, method, out / f"p-{method}", args.work) for _ in range(args.repeats)]
+        results["ours_process_s"][method] = min(r[0] for r in runs)
+        results["ours_process_peak_rss_mb"][method] = max(r[1] for r in runs)
+        shutil.rmtree(out / f"p-{method}", ignore_errors=True)
+    if args.mergekit:
+        exe = mergekit_python(args.work)
+        results["mergekit_s"], results["mergekit_peak_rss_mb"], results["speedup_vs_mergekit"] = {}, {}, {}
+        for method in MERGEKIT_METHODS:
+            runs = [mergekit_process(exe, base, fts, method, out / f"mk-{method}", args.work) for _ in range(args.repeats)]
+            results["mergekit_s"][method] = min(r[0] for r in runs)
+            results["mergekit_peak_rss_mb"][method] = max(r[1] for r in runs)
+            if method in results["ours_process_s"]:
+                results["speedup_vs_mergekit"][method] = round(results["mergekit_s"][method] / results["ours_process_s"][method], 2)
+                ours_process(base, fts, method, out / f"p-{method}", args.work)
+                results.setdefault("max_abs_diff_vs_mergekit", {})[method] = max_abs_diff(out / f"p-{method}", out / f"mk-{method}")
+                shutil.rmtree(out / f"p-{method}", ignore_errors=True)
+            shutil.rmtree(out / f"mk-{method}", ignore_errors=True)
     deep = dict(dims, layers=dims["layers"] * 4)
     base_deep, fts_deep = build_family(args.work, deep)
     results["peak_rss_mb"] = {
