@@ -1,13 +1,20 @@
-"""merge_flow: resolve → extract (per fine-tune, concurrent) → solve → merge → evaluate → gate → publish."""
+"""merge_flow: resolve → extract (per fine-tune, concurrent) → solve → merge → evaluate → publish.
+
+Every stage is a cached task keyed by content fingerprints (tasks/caching.py): a nightly run
+with nothing new finishes in seconds with every stage `Cached`; one new fine-tune re-runs
+only its extraction and what depends on the merge.
+"""
 
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from metamerge import stages
 from metamerge.methods import plan_for
@@ -29,43 +36,75 @@ def load(recipe: str | dict[str, Any] | Recipe) -> Recipe:
     return load_recipe(recipe)
 
 
+class StageClock:
+    """Wall time per stage, for the run report (cached stages show up as near zero)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - started, 3)
+
+
 @flow(name="metagpt-merge", log_prints=True)
 def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
+    clock = StageClock()
     rec = load(recipe)
     plan = plan_for(rec.method)
     workdir = str(Path(rec.workdir).resolve())
     Path(workdir).mkdir(parents=True, exist_ok=True)
     labels = [ft.label for ft in rec.finetunes]
 
-    base_future = resolve_model.submit(rec.base, workdir)
-    ft_futures = [resolve_model.submit(ft.ref, workdir) for ft in rec.finetunes]
-    base = base_future.result()
-    finetunes = [f.result() for f in ft_futures]
+    with clock.stage("resolve"):
+        base_future = resolve_model.submit(rec.base, workdir, rec.endpoint_url)
+        ft_futures = [resolve_model.submit(ft.ref, workdir, rec.endpoint_url) for ft in rec.finetunes]
+        base = base_future.result()
+        finetunes = [f.result() for f in ft_futures]
     logger.info("resolved base %s and %d fine-tunes", base.fingerprint[:12], len(finetunes))
 
-    stats_futures = [
-        extract_task_vector.submit(base, ft, label, plan, rec.merge.vocab, workdir)
-        for ft, label in zip(finetunes, labels, strict=True)
-    ]
-    stats_files = [f.result() for f in stats_futures]
-    solved = solve_coefficients(labels, stats_files, plan, rec.method.name)
+    with clock.stage("extract"):
+        stats_futures = []
+        for ft, label in zip(finetunes, labels, strict=True):
+            missing = not stages.stats_path(base, ft, label, plan, rec.merge.vocab, workdir).exists()
+            extract = extract_task_vector.with_options(refresh_cache=missing)
+            stats_futures.append(extract.submit(base, ft, label, plan, rec.merge.vocab, workdir))
+        stats_files = [f.result() for f in stats_futures]
+    with clock.stage("solve"):
+        solved = solve_coefficients(labels, stats_files, plan, rec.method.name)
     coefficients = coefficients_of(solved)
     logger.info("λ: %s", {k: round(v, 4) for k, v in coefficients.model_level().items()})
 
-    merged = merge_models(rec, base, finetunes, solved)
+    with clock.stage("merge"):
+        missing = not stages.merged_dir(rec, base, finetunes, coefficients).exists()
+        merged = merge_models.with_options(refresh_cache=missing)(rec, base, finetunes, solved)
+    create_table_artifact(key="task-vector-cosine", table=stages.cosine_records(merged.report),
+                          description="cosine of task vectors; MetaGPT assumes off-diagonal ≈ 0")
     logger.info("merged into %s (%s)", merged.path, merged.fingerprint[:12])
 
     table = None
     if rec.evaluation is not None:
-        all_tasks = tuple(dict.fromkeys(t for ft in rec.finetunes for t in ft.tasks))
-        full = stages.eval_spec(rec, all_tasks)
-        base_scores = evaluate_model("base", str(base.path), base.fingerprint, full, workdir)
-        ft_scores = {
-            ft.label: evaluate_model(ft.label, str(m.path), m.fingerprint, stages.eval_spec(rec, tuple(ft.tasks)), workdir)
-            for ft, m in zip(rec.finetunes, finetunes, strict=True)
-        }
-        merged_scores = evaluate_model("merged", merged.path, merged.fingerprint, full, workdir)
+        with clock.stage("evaluate"):
+            # one (model, task) per cached evaluation: adding a fine-tune (and its task) leaves
+            # every existing score in the cache
+            all_tasks = list(dict.fromkeys(t for ft in rec.finetunes for t in ft.tasks))
+
+            def scores_of(label: str, path: str, fingerprint: str, tasks: list[str]) -> dict:
+                out: dict = {}
+                for task_name in tasks:
+                    spec = stages.eval_spec(rec, (task_name,))
+                    out.update(evaluate_model(label, path, fingerprint, spec, workdir))
+                return out
+
+            base_scores = scores_of("base", str(base.path), base.fingerprint, all_tasks)
+            ft_scores = {ft.label: scores_of(ft.label, str(m.path), m.fingerprint, list(ft.tasks))
+                         for ft, m in zip(rec.finetunes, finetunes, strict=True)}
+            merged_scores = scores_of("merged", merged.path, merged.fingerprint, all_tasks)
         table = stages.score_table(rec, base_scores, ft_scores, merged_scores)
         create_table_artifact(key="merge-scores", table=table.as_records(),
                               description="absolute scores; avg_norm = merged score / own fine-tune's score")
@@ -75,21 +114,23 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None) -> dict[
     documents = {
         "coefficients.json": coefficients.to_json(),
         "merge_report.json": json.dumps(merged.report, indent=1),
+        "report.md": stages.report_markdown(rec, [base, *finetunes], coefficients, plan, merged.report, table, None),
     }
     if table is not None:
         documents["scores.json"] = json.dumps(
             {"rows": table.rows, "records": table.as_records(), "merged": table.merged_label}, indent=1)
     if rec.publish is not None:
-        documents["report.md"] = stages.report_markdown(rec, [base, *finetunes], coefficients, plan, merged.report,
-                                                        table, None)
-        published = publish_model(rec, merged, run_id, documents)
+        with clock.stage("publish"):
+            published = publish_model(rec, merged, run_id, documents)
+        create_link_artifact(key="published-manifest", link=published["manifest_uri"],
+                             link_text=published["manifest_uri"], description="manifest of the published merge")
         logger.info("published %s", published["manifest_uri"])
     report = stages.report_markdown(rec, [base, *finetunes], coefficients, plan, merged.report, table,
-                                    published["manifest_uri"] if published else None)
+                                    published["manifest_uri"] if published else None, clock.seconds)
     create_markdown_artifact(key="merge-report", markdown=report, description=f"merge report {rec.name}")
     return {
         "recipe": rec.name,
-        "run_id": run_id,
+        "run_id": published["run_uri"].rsplit("/", 1)[-1] if published else run_id,
         "merged_path": merged.path,
         "merged_fingerprint": merged.fingerprint,
         "coefficients": coefficients.model_level(),
@@ -97,4 +138,5 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None) -> dict[
         "scores": table.as_records() if table else None,
         "normalized_average": table.normalized_average(table.merged_label) if table else None,
         "published": published,
+        "stage_seconds": clock.seconds,
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -34,6 +35,7 @@ from metamerge.checkpoint import (
 from metamerge.coefficients import Coefficients
 from metamerge.compat import Alignment, align, aligned_rows, tied_aliases
 from metamerge.errors import CheckpointError
+from metamerge.faults import hang_point
 from metamerge.methods import MergePlan, chunked, combine, sparsify_
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -205,7 +207,7 @@ def merge_checkpoints(
         for rows in (row_chunks(base.info(info.name), checkpoint.CHUNK_ELEMENTS)
                      if base.info(info.name).is_float and chunked(plan) else [None])
     ]
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(tmp_dir, tensors_out, shard_size_mb * 1024 * 1024)
     inputs = _Inputs(base, pairs, compute_device)
@@ -254,6 +256,8 @@ def merge_checkpoints(
                 done_bytes += result.numel() * result.element_size()
                 if progress is not None:
                     progress(done_bytes, total_bytes, info.name)
+                if index == len(work) // 2:
+                    hang_point("merge")
             if pending_write is not None:
                 pending_write.result()
         writer.finish()

@@ -103,6 +103,7 @@ class Recipe(_Strict):
     merge: MergeOptions = MergeOptions()
     evaluation: Evaluation | None = None
     publish: Publish | None = None
+    endpoint_url: str | None = Field(default=None, description="S3 endpoint for s3:// refs (and publishing)")
     workdir: str = ".metamerge"
 
     @field_validator("finetunes", mode="before")

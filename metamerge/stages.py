@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,18 +37,39 @@ def _digests(workdir: Path) -> DigestCache:
     return DigestCache(Path(workdir) / "digests.json")
 
 
-def resolve(ref: str, workdir: Path) -> ResolvedModel:
-    return resolve_ref(ref, Path(workdir))
+def resolve(ref: str, workdir: Path, endpoint_url: str | None = None) -> ResolvedModel:
+    return resolve_ref(ref, Path(workdir), endpoint_url)
+
+
+def ref_signature(ref: str) -> str:
+    """Cheap change detector for a ref, used as a cache key without reading any tensor.
+
+    Local folders: names, sizes and mtimes of every file. Remote refs: the ref itself (their
+    resolve step asks the remote for ETags/commits, which is cheap and must not be skipped).
+    """
+    if "://" in ref and not ref.startswith("file://"):
+        return f"remote:{ref}:{time.strftime('%Y%m%d%H')}"
+    folder = Path(ref.removeprefix("file://"))
+    if not folder.is_dir():
+        return f"missing:{ref}"
+    entries = [(p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+               for p in sorted(folder.rglob("*")) if p.is_file()]
+    return short_hash(str(folder.resolve()), entries)
+
+
+def stats_path(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str, workdir: Path) -> Path:
+    sparsify = (plan.sparsify, plan.density, plan.seed)
+    key = short_hash(base.fingerprint, finetune.fingerprint, label, sparsify, vocab, CODE_VERSION)
+    return Path(workdir) / "stats" / f"{key}.json"
 
 
 def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str, workdir: Path) -> Path:
     """Writes ‖τ‖² per tensor to a stats file named by (base, fine-tune, sparsify) content."""
-    sparsify = (plan.sparsify, plan.density, plan.seed)
-    out = Path(workdir) / "stats" / f"{short_hash(base.fingerprint, finetune.fingerprint, label, sparsify, vocab, CODE_VERSION)}.json"
+    out = stats_path(base, finetune, label, plan, vocab, workdir)
     if not out.exists():
         stats = extract_stats(base.path, finetune.path, label, plan, vocab)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
         stats.save(tmp)
         tmp.replace(out)
     return out
@@ -67,16 +90,44 @@ class MergeOutput:
     report: dict
 
 
+def merged_dir(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], coefficients: Coefficients) -> Path:
+    """Where a merge of exactly these inputs, coefficients and options lives in the workdir."""
+    key = short_hash(base.fingerprint, [f.fingerprint for f in finetunes], coefficients.to_json(),
+                     asdict(plan_for(recipe.method)), recipe.merge.model_dump(mode="json"), CODE_VERSION)
+    return Path(recipe.workdir) / "merged" / f"{recipe.name}-{key}"
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Temp folders of merges killed mid-way (their owning process is gone) are deleted."""
+    removed = []
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def merge(
     recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], coefficients: Coefficients,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> MergeOutput:
     plan = plan_for(recipe.method)
     workdir = Path(recipe.workdir)
-    key = short_hash(base.fingerprint, [f.fingerprint for f in finetunes], coefficients.to_json(), asdict(plan),
-                     recipe.merge.model_dump(mode="json"), CODE_VERSION)
-    out_dir = workdir / "merged" / f"{recipe.name}-{key}"
-    report_file = workdir / "merged" / f"{recipe.name}-{key}.report.json"
+    out_dir = merged_dir(recipe, base, finetunes, coefficients)
+    report_file = out_dir.with_name(out_dir.name + ".report.json")
+    remove_stale_temporaries(out_dir)
     if out_dir.exists() and report_file.exists():
         report = json.loads(report_file.read_text())
     else:
@@ -140,11 +191,13 @@ def cosine_records(report: dict) -> list[dict]:
 
 
 def run_id_for(merged_fingerprint: str) -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{merged_fingerprint[:8]}"
+    """One run id per merged model per day: a same-day re-run resumes the same prefix."""
+    return f"{time.strftime('%Y%m%d', time.gmtime())}-{merged_fingerprint[:12]}"
 
 
 def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: Coefficients, plan: MergePlan,
-                    merge_report: dict, table: ScoreTable | None, published: str | None) -> str:
+                    merge_report: dict, table: ScoreTable | None, published: str | None,
+                    stage_seconds: dict[str, float] | None = None) -> str:
     lines = [f"# Merge report: {recipe.name}", "", f"Method: `{recipe.method.name}`"
              f" (granularity {coefficients.granularity}, scale {plan.scale})", "", "## Inputs", "",
              "| role | ref | fingerprint |", "|---|---|---|"]
@@ -162,6 +215,9 @@ def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: C
               f"in {merge_report['seconds']:.2f} s on {merge_report['device']}."]
     if table is not None:
         lines += ["", "## Scores (absolute; avg_norm = merged / own fine-tune)", "", table.to_markdown()]
+    if stage_seconds:
+        lines += ["", "## Stage timings (this run; cached stages are near zero)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {name} | {sec:.2f} |" for name, sec in stage_seconds.items()]
     if published:
         lines += ["", f"Published: `{published}`"]
     return "\n".join(lines) + "\n"
@@ -181,6 +237,6 @@ def publish(recipe: Recipe, merged: MergeOutput, run_id: str, documents: dict[st
     for name, text in documents.items():
         (doc_dir / name).write_text(text)
         files[name] = doc_dir / name
-    return publish_run(files, recipe.publish.target, recipe.name, run_id, recipe.publish.endpoint_url,
+    return publish_run(files, recipe.publish.target, recipe.name, run_id, recipe.publish.endpoint_url or recipe.endpoint_url,
                        extra={"merged_fingerprint": merged.fingerprint, "method": recipe.method.name},
                        digests=_digests(workdir))

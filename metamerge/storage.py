@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metamerge.errors import InputError, TransientError
+from metamerge.faults import hang_point
 from metamerge.refs import DigestCache, sha256_file
 
 MANIFEST = "manifest.json"
@@ -93,7 +94,11 @@ def _s3_error(client, action: str, exc: Exception) -> Exception:
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return InputError(f"S3 {action} at {where}: {code}")
-        return TransientError(f"S3 {action} at {where}: {code or exc}")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        detail = exc.response.get("Error", {}).get("Message") or ""
+        return TransientError(
+            f"S3 {action} at {where}: {exc.operation_name} failed with HTTP {status} {code} {detail}".rstrip()
+        )
     return TransientError(f"S3 {action} at {where}: {type(exc).__name__}: {exc}")
 
 
@@ -117,6 +122,7 @@ def _publish_s3(files_in: dict[str, Path], target: Target, run_key: str, manifes
                 ExtraArgs={"Metadata": {"sha256": meta["sha256"]}},
             )
             uploaded += 1
+            hang_point("upload")
         for rel, meta in manifest["files"].items():
             if not _s3_matches(client, target.bucket, f"{run_key}/{rel}", meta):
                 raise TransientError(f"S3 upload at {_endpoint(client)}: {rel} did not verify after upload")

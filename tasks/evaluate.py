@@ -6,9 +6,10 @@ from prefect import task
 
 from metamerge import stages
 from metamerge.evaluate import EvalSpec
+from tasks.caching import evaluate_key
 
 
-@task(name="evaluate", task_run_name="evaluate {label}")
+@task(name="evaluate", task_run_name="evaluate {label} on {spec.tasks}", cache_key_fn=evaluate_key, persist_result=True)
 def evaluate_model(label: str, model_path: str, fingerprint: str, spec: EvalSpec, workdir: str) -> dict:
     """lm-eval on one model; scores are cached by (model fingerprint, task spec, lm-eval version)."""
     return stages.evaluate(model_path, fingerprint, spec, Path(workdir))

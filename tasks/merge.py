@@ -7,10 +7,11 @@ from tqdm import tqdm
 from metamerge import stages
 from metamerge.recipe import Recipe
 from metamerge.refs import ResolvedModel
+from tasks.caching import merge_key
 from tasks.solve import coefficients_of
 
 
-@task(name="merge")
+@task(name="merge", task_run_name="merge", cache_key_fn=merge_key, persist_result=True)
 def merge_models(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], solved: dict) -> stages.MergeOutput:
     """Streams the merge; a progress artifact moves in 5 % steps while it runs."""
     progress_id = create_progress_artifact(progress=0.0, key="merge-progress", description="tensors merged (bytes)")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect.tasks import exponential_backoff
 
 from metamerge.errors import is_retryable
 
-NETWORK_RETRIES = 4
-NETWORK_BACKOFF = exponential_backoff(backoff_factor=1)
+NETWORK_RETRIES = int(os.environ.get("METAMERGE_NETWORK_RETRIES", "4"))
+# seconds before retry k: factor · 2^k (tests shrink the factor; production waits 2, 4, 8, 16 s)
+NETWORK_BACKOFF = exponential_backoff(backoff_factor=float(os.environ.get("METAMERGE_RETRY_BACKOFF", "2")))
 JITTER = 0.5
 
 

@@ -8,9 +8,10 @@ from prefect.artifacts import create_table_artifact
 from metamerge import stages
 from metamerge.coefficients import Coefficients
 from metamerge.methods import MergePlan
+from tasks.caching import solve_key
 
 
-@task(name="solve")
+@task(name="solve", task_run_name="solve", cache_key_fn=solve_key, persist_result=True)
 def solve_coefficients(labels: list[str], stats_files: list[str], plan: MergePlan, method_name: str) -> dict:
     """Closed-form λ; published as a table artifact so the UI shows what each fine-tune got."""
     coefficients = stages.solve(labels, [Path(p) for p in stats_files], plan, method_name)

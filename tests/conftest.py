@@ -19,6 +19,11 @@ for key, value in {
     "AWS_ACCESS_KEY_ID": "metamerge-test",
     "AWS_SECRET_ACCESS_KEY": "metamerge-test-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
+    # task results shared by the test process and the flows it starts in subprocesses
+    "PREFECT_LOCAL_STORAGE_PATH": str(REPO / ".cache" / "prefect-test-results"),
+    # fast retries in tests; production waits 2, 4, 8, 16 s
+    "METAMERGE_RETRY_BACKOFF": "0.2",
+    "METAMERGE_NETWORK_RETRIES": "2",
 }.items():
     os.environ.setdefault(key, value)
 
@@ -56,3 +61,13 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def isolated_results(tmp_path, prefect_api):
+    """A result store of this test's own, so cache hits come only from this test's runs."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    path = tmp_path / "prefect-results"
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: path}):
+        yield path

@@ -1,0 +1,50 @@
+"""Cache keys built from content fingerprints (never paths or timestamps) plus a code version.
+
+A nightly run with nothing new then finds every stage in the cache and reads no tensor; a
+run with one new fine-tune recomputes only what depends on it. Keys are deterministic; when
+a cached stage's on-disk output has vanished, the flow asks for `refresh_cache` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from metamerge import stages
+from metamerge.evaluate import lm_eval_version
+from metamerge.stages import CODE_VERSION, short_hash
+
+
+def resolve_key(_context: Any, params: dict[str, Any]) -> str | None:
+    ref = params["ref"]
+    if "://" in ref and not ref.startswith("file://"):
+        return None  # remote refs ask the remote (cheap); their download is cached by fingerprint
+    return short_hash("resolve", stages.ref_signature(ref), CODE_VERSION)
+
+
+def extract_key(_context: Any, params: dict[str, Any]) -> str:
+    path = stages.stats_path(params["base"], params["finetune"], params["label"], params["plan"],
+                             params["vocab"], params["workdir"])
+    return short_hash("extract", path.name)
+
+
+def solve_key(_context: Any, params: dict[str, Any]) -> str:
+    names = [str(p).rsplit("/", 1)[-1] for p in params["stats_files"]]
+    return short_hash("solve", params["labels"], names, asdict(params["plan"]), params["method_name"], CODE_VERSION)
+
+
+def merge_key(_context: Any, params: dict[str, Any]) -> str:
+    from tasks.solve import coefficients_of
+
+    out = stages.merged_dir(params["recipe"], params["base"], params["finetunes"], coefficients_of(params["solved"]))
+    return short_hash("merge", out.name)
+
+
+def evaluate_key(_context: Any, params: dict[str, Any]) -> str:
+    return short_hash("evaluate", params["fingerprint"], stages.task_spec_hash(params["spec"]), lm_eval_version())
+
+
+def publish_key(_context: Any, params: dict[str, Any]) -> str:
+    recipe = params["recipe"]
+    return short_hash("publish", params["merged"].fingerprint, recipe.publish.model_dump(mode="json"), recipe.name,
+                      sorted(params["documents"].items()), CODE_VERSION)

@@ -1,0 +1,53 @@
+"""Helpers for flow tests: recipes over the zoo, task-run states read back from the Prefect API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from metamerge.storage import s3_client
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def zoo_recipe(zoo, endpoint: str, bucket: str, workdir: Path, skills: list[str] | None = None, **overrides) -> dict:
+    from metamerge.cli import demo_recipe
+
+    recipe = demo_recipe(zoo, endpoint, workdir)
+    recipe["publish"]["target"] = f"s3://{bucket}/merges"
+    if skills is not None:
+        recipe["finetunes"] = [f for f in recipe["finetunes"] if f["name"] in skills]
+    recipe.update(overrides)
+    return recipe
+
+
+def task_states(flow_run_id) -> dict[str, list[str]]:
+    """{task name: [final state names]} of one flow run, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = defaultdict(list)
+    for run in runs:
+        states[run.name].append(run.state.name)
+    return dict(states)
+
+
+def bucket_keys(endpoint: str, bucket: str) -> set[str]:
+    listed = s3_client(endpoint).list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"] for o in listed}
+
+
+def start_flow_subprocess(recipe: dict, env_extra: dict[str, str]) -> subprocess.Popen:
+    """merge_flow in its own process (own ephemeral Prefect API), so a test can SIGKILL it."""
+    code = "import json, sys; from flows.merge_flow import merge_flow; merge_flow(json.loads(sys.argv[1]))"
+    env = {**os.environ, **env_extra}
+    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_HOME"] = str(REPO / ".cache" / "prefect-subprocess-home")
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(recipe)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
