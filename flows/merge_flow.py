@@ -19,6 +19,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from metamerge import stages
 from metamerge.methods import plan_for
 from metamerge.recipe import Recipe, load_recipe, parse_recipe
+from metamerge.registry import entry_for_ref, extend_recipe
 from tasks.evaluate import evaluate_model
 from tasks.extract import extract_task_vector
 from tasks.merge import merge_models
@@ -52,10 +53,14 @@ class StageClock:
 
 
 @flow(name="metagpt-merge", log_prints=True)
-def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None) -> dict[str, Any]:
+def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
+               finetune_refs: list[str] | None = None) -> dict[str, Any]:
+    """`finetune_refs` (from a `model.finetune.discovered` event) extends the recipe's fine-tunes."""
     logger = get_run_logger()
     clock = StageClock()
     rec = load(recipe)
+    if finetune_refs:
+        rec = extend_recipe(rec, [entry_for_ref(ref, rec.endpoint_url) for ref in finetune_refs])
     plan = plan_for(rec.method)
     workdir = str(Path(rec.workdir).resolve())
     Path(workdir).mkdir(parents=True, exist_ok=True)

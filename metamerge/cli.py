@@ -164,6 +164,26 @@ def demo(workdir: Path = typer.Option(Path(".demo"), help="where intermediates g
 
 
 @app.command()
+def watch(recipe: Path = typer.Argument(..., help="recipe whose base and published merges are watched"),
+          registry: str = typer.Argument(..., help="s3://bucket/prefix or a folder of fine-tunes")) -> None:
+    """List the registry once; emit model.finetune.discovered if it holds new fine-tunes of the base."""
+    from metamerge.recipe import load_recipe
+
+    prepare_environment(Path.cwd())
+    try:
+        load_recipe(recipe)
+        from flows.watch_flow import watch_flow
+
+        result = watch_flow(str(recipe.resolve()), registry, return_state=True).result()
+    except MetamergeError as exc:
+        _fail(exc)
+    if result["new"]:
+        typer.echo("new fine-tunes: " + ", ".join(result["new"]) + f" (event {result['event']})")
+    else:
+        typer.echo("no new fine-tunes")
+
+
+@app.command()
 def inspect(run_uri: str = typer.Argument(..., help="s3://bucket/prefix/<model>/<run-id> or a local run folder"),
             endpoint_url: str = typer.Option(None, help="S3 endpoint (default: AWS or $AWS_ENDPOINT_URL)")) -> None:
     """Show a published run: its manifest, λ and scores."""

@@ -238,5 +238,6 @@ def publish(recipe: Recipe, merged: MergeOutput, run_id: str, documents: dict[st
         (doc_dir / name).write_text(text)
         files[name] = doc_dir / name
     return publish_run(files, recipe.publish.target, recipe.name, run_id, recipe.publish.endpoint_url or recipe.endpoint_url,
-                       extra={"merged_fingerprint": merged.fingerprint, "method": recipe.method.name},
+                       extra={"merged_fingerprint": merged.fingerprint, "method": recipe.method.name,
+                              "inputs": {"base": recipe.base, "finetunes": [ft.ref for ft in recipe.finetunes]}},
                        digests=_digests(workdir))

@@ -1,0 +1,43 @@
+"""One-process setup: both deployments served from this process (no work pool, no worker).
+
+    METAMERGE_RECIPE=/abs/recipe.yaml METAMERGE_REGISTRY=s3://bucket/registry \
+    METAMERGE_TIMEZONE=UTC python deployments/serve.py
+
+Runs need a Prefect API (`prefect server start`, PREFECT_API_URL). The trigger's automation
+outlives this process: delete it (`prefect automation delete ...`) when retiring the setup.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prefect import serve  # noqa: E402
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger  # noqa: E402
+from prefect.schedules import Cron, Interval  # noqa: E402
+
+from flows.merge_flow import merge_flow  # noqa: E402
+from flows.watch_flow import EVENT, watch_flow  # noqa: E402
+
+
+def build_deployments(recipe: str, registry: str, timezone: str = "UTC", cron: str = "0 2 * * *", watch_every_s: int = 900):
+    nightly = merge_flow.to_deployment(
+        name="nightly",
+        parameters={"recipe": recipe},
+        schedules=[Cron(cron, timezone=timezone)],
+        triggers=[DeploymentEventTrigger(
+            expect={EVENT}, match={"prefect.resource.id": "metamerge.registry.*"},
+            parameters={"recipe": "{{ event.payload.recipe }}", "finetune_refs": "{{ event.payload.refs }}"},
+        )],
+    )
+    watch = watch_flow.to_deployment(name="watch", parameters={"recipe": recipe, "registry": registry},
+                                     schedules=[Interval(watch_every_s)])
+    return nightly, watch
+
+
+if __name__ == "__main__":
+    serve(*build_deployments(os.environ["METAMERGE_RECIPE"], os.environ["METAMERGE_REGISTRY"],
+                             os.environ.get("METAMERGE_TIMEZONE", "UTC")))
