@@ -25,6 +25,7 @@ from tasks.extract import extract_task_vector
 from tasks.merge import merge_models
 from tasks.publish import publish_model
 from tasks.resolve import resolve_model
+from tasks.result_storage import result_storage_for
 from tasks.solve import coefficients_of, solve_coefficients
 
 
@@ -61,14 +62,19 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     rec = load(recipe)
     if finetune_refs:
         rec = extend_recipe(rec, [entry_for_ref(ref, rec.endpoint_url) for ref in finetune_refs])
+    storage = result_storage_for(rec.results, rec.endpoint_url)
+    opts = {"result_storage": storage} if storage is not None else {}
+    resolve_task, extract_task, solve_task, merge_task, evaluate_task, publish_task = (
+        t.with_options(**opts) for t in (resolve_model, extract_task_vector, solve_coefficients, merge_models,
+                                         evaluate_model, publish_model))
     plan = plan_for(rec.method)
     workdir = str(Path(rec.workdir).resolve())
     Path(workdir).mkdir(parents=True, exist_ok=True)
     labels = [ft.label for ft in rec.finetunes]
 
     with clock.stage("resolve"):
-        base_future = resolve_model.submit(rec.base, workdir, rec.endpoint_url)
-        ft_futures = [resolve_model.submit(ft.ref, workdir, rec.endpoint_url) for ft in rec.finetunes]
+        base_future = resolve_task.submit(rec.base, workdir, rec.endpoint_url)
+        ft_futures = [resolve_task.submit(ft.ref, workdir, rec.endpoint_url) for ft in rec.finetunes]
         base = base_future.result()
         finetunes = [f.result() for f in ft_futures]
     logger.info("resolved base %s and %d fine-tunes", base.fingerprint[:12], len(finetunes))
@@ -77,17 +83,17 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         stats_futures = []
         for ft, label in zip(finetunes, labels, strict=True):
             missing = not stages.stats_path(base, ft, label, plan, rec.merge.vocab, workdir).exists()
-            extract = extract_task_vector.with_options(refresh_cache=missing)
+            extract = extract_task.with_options(refresh_cache=missing)
             stats_futures.append(extract.submit(base, ft, label, plan, rec.merge.vocab, workdir))
         stats_files = [f.result() for f in stats_futures]
     with clock.stage("solve"):
-        solved = solve_coefficients(labels, stats_files, plan, rec.method.name)
+        solved = solve_task(labels, stats_files, plan, rec.method.name)
     coefficients = coefficients_of(solved)
     logger.info("λ: %s", {k: round(v, 4) for k, v in coefficients.model_level().items()})
 
     with clock.stage("merge"):
         missing = not stages.merged_dir(rec, base, finetunes, coefficients).exists()
-        merged = merge_models.with_options(refresh_cache=missing)(rec, base, finetunes, solved)
+        merged = merge_task.with_options(refresh_cache=missing)(rec, base, finetunes, solved)
     create_table_artifact(key="task-vector-cosine", table=stages.cosine_records(merged.report),
                           description="cosine of task vectors; MetaGPT assumes off-diagonal ≈ 0")
     logger.info("merged into %s (%s)", merged.path, merged.fingerprint[:12])
@@ -103,7 +109,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
                 out: dict = {}
                 for task_name in tasks:
                     spec = stages.eval_spec(rec, (task_name,))
-                    out.update(evaluate_model(label, path, fingerprint, spec, workdir))
+                    out.update(evaluate_task(label, path, fingerprint, spec, workdir))
                 return out
 
             base_scores = scores_of("base", str(base.path), base.fingerprint, all_tasks)
@@ -126,7 +132,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
             {"rows": table.rows, "records": table.as_records(), "merged": table.merged_label}, indent=1)
     if rec.publish is not None:
         with clock.stage("publish"):
-            published = publish_model(rec, merged, run_id, documents)
+            published = publish_task(rec, merged, run_id, documents)
         create_link_artifact(key="published-manifest", link=published["manifest_uri"],
                              link_text=published["manifest_uri"], description="manifest of the published merge")
         logger.info("published %s", published["manifest_uri"])

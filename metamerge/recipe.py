@@ -104,6 +104,7 @@ class Recipe(_Strict):
     evaluation: Evaluation | None = None
     publish: Publish | None = None
     endpoint_url: str | None = Field(default=None, description="S3 endpoint for s3:// refs (and publishing)")
+    results: str | None = Field(default=None, pattern=r"^s3://[^/]{3,}", description="Prefect result storage (s3://bucket/prefix)")
     workdir: str = ".metamerge"
 
     @field_validator("finetunes", mode="before")

@@ -125,3 +125,21 @@ def test_sigkill_during_upload_then_resume(zoo, s3_endpoint, bucket, isolated_re
     prefix = summary["published"]["run_uri"].removeprefix(f"s3://{bucket}/")
     body = client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read()
     assert set(json.loads(body)["files"]) <= {k.removeprefix(prefix + "/") for k in bucket_keys(s3_endpoint, bucket)}
+
+
+def test_results_on_s3_are_shared_between_runs(zoo, s3_endpoint, bucket, isolated_results, tmp_path):
+    """With `results: s3://…` a second run finds its cache in S3 even with an empty local store."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.merge_flow import merge_flow
+
+    recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", results=f"s3://{bucket}/prefect-results",
+                        endpoint_url=s3_endpoint)
+    assert merge_flow(recipe, return_state=True).is_completed()
+    stored = [k for k in bucket_keys(s3_endpoint, bucket) if k.startswith("prefect-results/")]
+    assert len(stored) >= 10  # one per cached task result
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "empty-local-store"}):
+        state = merge_flow(recipe, return_state=True)
+    assert state.is_completed(), state.message
+    flat = [s for names in task_states(state.state_details.flow_run_id).values() for s in names]
+    assert set(flat) == {"Cached"}
