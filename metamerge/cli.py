@@ -22,7 +22,6 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -144,6 +143,7 @@ def demo(workdir: Path = typer.Option(Path(".demo"), help="where intermediates g
     from metamerge.zoo import build_zoo
 
     prepare_environment(Path.cwd())
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo prints its own table
     started = time.monotonic()
     zoo = build_zoo(log=lambda m: typer.echo(m))
     typer.echo(f"zoo ready at {zoo.root} ({time.monotonic() - started:.0f}s)")

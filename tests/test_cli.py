@@ -13,6 +13,17 @@ from tests.helpers import random_family
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment(monkeypatch):
+    """CLI commands set Prefect defaults in os.environ; keep them out of later tests."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def local_setup(tmp_path):
     base_dir, ft_dirs, *_ = random_family(tmp_path / "models", n_finetunes=3)

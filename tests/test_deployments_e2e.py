@@ -65,6 +65,7 @@ def prefect_server(tmp_path):
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "PREFECT_LOGGING_LEVEL": "INFO",
            "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
     env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115
@@ -169,10 +170,13 @@ def test_watch_event_triggers_a_merge_and_the_ui_shows_it(zoo, s3_endpoint, buck
         assert len(merge_runs()) == 1
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-        logs = api.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in done])))
-        messages = "\n".join(entry.message for entry in logs)
+        def watch_logs():
+            logs = api.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in done])))
+            text = "\n".join(entry.message for entry in logs)
+            return text if "no new fine-tunes" in text else None
+
+        messages = _wait(watch_logs, 30, "the watch runs' logs in the API")
         assert f"ignoring s3://{bucket}/registry/alien" in messages
-        assert "no new fine-tunes" in messages
 
     _screenshot(prefect_server["url"], run.id, tmp_path)
 
