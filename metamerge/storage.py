@@ -9,6 +9,7 @@ a conditional write so two concurrent publishers of one run cannot interleave ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from metamerge.faults import hang_point
 from metamerge.refs import DigestCache, sha256_file
 
 MANIFEST = "manifest.json"
+CLAIM = ".publish-claim"
 LATEST = "latest.json"
 MULTIPART_BYTES = 64 * 1024 * 1024
 
@@ -112,6 +114,7 @@ def _publish_s3(files_in: dict[str, Path], target: Target, run_key: str, manifes
     uploaded = skipped = 0
     try:
         _require_bucket(client, target.bucket)
+        _claim_s3(client, target.bucket, run_key, manifest)
         for rel, meta in manifest["files"].items():
             key = f"{run_key}/{rel}"
             if _s3_matches(client, target.bucket, key, meta):
@@ -133,6 +136,44 @@ def _publish_s3(files_in: dict[str, Path], target: Target, run_key: str, manifes
     except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
         raise _s3_error(client, "publish", exc) from exc
     return uploaded, skipped
+
+
+def content_digest(manifest: dict) -> str:
+    """Identity of a publication: the set of (file, sha256, size), nothing time-dependent."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
+def _claim_s3(client, bucket: str, run_key: str, manifest: dict) -> None:
+    """Create-once claim on a run prefix: only publishers of identical content may write there.
+
+    Two publishers of different content could otherwise overwrite each other's objects between
+    one's verification and its manifest commit. The claim stays after the commit so that no
+    later publisher with other content can ever write into a committed run.
+    """
+    from botocore.exceptions import ClientError
+
+    key, digest = f"{run_key}/{CLAIM}", content_digest(manifest)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=digest.encode(), IfNoneMatch="*")
+        return
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
+            raise
+    holder = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    if holder != digest:
+        raise InputError(f"s3://{bucket}/{run_key} is already published (or being published) with different files")
+
+
+def _claim_local(run_dir: Path, manifest: dict) -> None:
+    claim, digest = run_dir / CLAIM, content_digest(manifest)
+    try:
+        fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        if claim.read_text() != digest:
+            raise InputError(f"{run_dir} is already published (or being published) with different files") from None
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(digest)
 
 
 def _require_bucket(client, bucket: str) -> None:
@@ -175,6 +216,7 @@ def _commit_manifest(client, bucket: str, key: str, manifest: dict) -> None:
 
 def _publish_local(files_in: dict[str, Path], run_dir: Path, manifest: dict) -> tuple[int, int]:
     run_dir.mkdir(parents=True, exist_ok=True)
+    _claim_local(run_dir, manifest)
     uploaded = skipped = 0
     for rel, meta in manifest["files"].items():
         dest = run_dir / rel

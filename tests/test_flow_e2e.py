@@ -39,7 +39,7 @@ def test_metagpt_flow_publishes_a_verified_merge_that_beats_base(zoo, s3_endpoin
     manifest = json.loads(client.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
     run_prefix = manifest_key.rsplit("/", 1)[0]
     run_keys = {k for k in objects if k.startswith(run_prefix + "/")}
-    assert run_keys == {f"{run_prefix}/{name}" for name in manifest["files"]} | {manifest_key}
+    assert run_keys == {f"{run_prefix}/{name}" for name in manifest["files"]} | {manifest_key, f"{run_prefix}/.publish-claim"}
     for name, meta in manifest["files"].items():
         body = client.get_object(Bucket=bucket, Key=f"{run_prefix}/{name}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == meta["sha256"] and len(body) == meta["size"], name

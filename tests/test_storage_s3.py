@@ -26,7 +26,7 @@ def test_publish_uploads_everything_then_manifest_last(tmp_path, s3_endpoint, bu
     assert result.uploaded == 3 and result.skipped == 0
     listed = client.list_objects_v2(Bucket=bucket, Prefix="merges/m/run1/")["Contents"]
     keys = {o["Key"] for o in listed}
-    assert keys == {f"merges/m/run1/{n}" for n in [*files, "manifest.json"]}
+    assert keys == {f"merges/m/run1/{n}" for n in [*files, "manifest.json", ".publish-claim"]}
     manifest = json.loads(client.get_object(Bucket=bucket, Key="merges/m/run1/manifest.json")["Body"].read())
     for name, path in files.items():
         body = client.get_object(Bucket=bucket, Key=f"merges/m/run1/{name}")["Body"].read()
@@ -45,7 +45,7 @@ def test_republish_is_idempotent_and_conflicts_are_refused(tmp_path, s3_endpoint
     again = publish_run(files, target, "m", "r", endpoint_url=s3_endpoint)
     assert again.uploaded == 0 and again.skipped == 2
     files["a.bin"].write_bytes(b"changed")
-    with pytest.raises(InputError, match="already exists with different files"):
+    with pytest.raises(InputError, match="already published .* with different files"):
         publish_run(files, target, "m", "r", endpoint_url=s3_endpoint)
     # the original manifest is untouched
     assert read_json(f"s3://{bucket}/p/m/r/manifest.json", s3_endpoint)["files"]["a.bin"]["size"] == 10
@@ -70,3 +70,45 @@ def test_local_target_has_the_same_layout(tmp_path):
     assert manifest["files"]["a.bin"]["sha256"] == hashlib.sha256(b"abc").hexdigest()
     assert result.manifest_uri.endswith("m/r1/manifest.json")
     assert latest_manifest(str(tmp_path / "pub"), "m")["run_id"] == "r1"
+
+
+def test_two_concurrent_publishes_of_one_run_never_mix_manifests(tmp_path, s3_endpoint, bucket):
+    """Both race to commit; exactly one manifest wins and it describes exactly its own files."""
+    import threading
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    runs = {
+        "a": _files(tmp_path / "a", {"model.safetensors": b"A" * 3000, "config.json": b'{"v": "a"}'}),
+        "b": _files(tmp_path / "b", {"model.safetensors": b"B" * 3000, "config.json": b'{"v": "b"}'}),
+    }
+    outcome: dict[str, object] = {}
+    barrier = threading.Barrier(2)
+
+    def publish(which):
+        barrier.wait()
+        try:
+            outcome[which] = publish_run(runs[which], f"s3://{bucket}/p", "m", "same-run", endpoint_url=s3_endpoint)
+        except Exception as exc:  # noqa: BLE001 - the loser's error is what we check
+            outcome[which] = exc
+
+    threads = [threading.Thread(target=publish, args=(w,)) for w in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    manifest = read_json(f"s3://{bucket}/p/m/same-run/manifest.json", s3_endpoint)
+    winners = [w for w, r in outcome.items() if not isinstance(r, Exception)]
+    losers = [r for r in outcome.values() if isinstance(r, Exception)]
+    assert len(winners) >= 1
+    expected = {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in runs[winners[0]].items()}
+    assert {n: m["sha256"] for n, m in manifest["files"].items()} == expected
+    if len(winners) == 2:  # only possible if both wrote identical files
+        assert expected == {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in runs[winners[1]].items()}
+    for exc in losers:
+        assert isinstance(exc, InputError) and "with different files" in str(exc)
+    # and the objects themselves are the winner's, byte for byte
+    client = s3_client(s3_endpoint)
+    for name, path in runs[winners[0]].items():
+        body = client.get_object(Bucket=bucket, Key=f"p/m/same-run/{name}")["Body"].read()
+        assert body == path.read_bytes()
