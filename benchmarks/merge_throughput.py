@@ -286,6 +286,7 @@ def main() -> None:
     results["peak_rss_mb"] = {
         f"ours_{dims['layers']}_layers": peak_rss_mb_of_merge(base, fts, out / "rss", args.work),
         f"ours_{deep['layers']}_layers": peak_rss_mb_of_merge(base_deep, fts_deep, out / "rss", args.work),
+        **{f"mergekit_{m}": v for m, v in results.get("mergekit_peak_rss_mb", {}).items()},
     }
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "merge_throughput.json").write_text(json.dumps(results, indent=2))
