@@ -192,6 +192,14 @@ class CheckpointReader:
                     raise CheckpointError(f"{self.label}: short read of tensor {name!r} (file changed or truncated?)")
                 done += got
 
+    def read_f32_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Fills a flat float32 buffer with the piece, converting when stored otherwise; returns it."""
+        if self.info(name).dtype == torch.float32:
+            self.read_into(name, out, rows)
+        else:
+            out.copy_(self.read(name, rows=rows).reshape(-1))
+        return out
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

@@ -72,12 +72,6 @@ def aligned_rows(alignment: Alignment, name: str, rows: tuple[int, int] | None) 
     return (0, keep) if rows is None and keep is not None else rows
 
 
-def read_aligned(reader: CheckpointReader, name: str, alignment: Alignment, pin: bool = False,
-                 rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """Reads the fine-tune's tensor (or rows of it) trimmed to the base's vocabulary rows."""
-    return reader.read(name, pin=pin, rows=aligned_rows(alignment, name, rows))
-
-
 def tied_aliases(base: CheckpointReader) -> dict[str, str]:
     """Vocabulary tensors stored twice but equal in the base (tied embeddings) -> one name.
 

@@ -124,10 +124,7 @@ class _Inputs:
             stacked = torch.empty((len(self.finetunes) + 1, n), dtype=torch.float32, pin_memory=pin)
         sources = [(self.base, rows)] + [(r, aligned_rows(a, name, rows)) for r, a in self.finetunes]
         for row, (reader, piece_rows) in zip(stacked, sources, strict=True):
-            if reader.info(name).dtype == torch.float32:
-                reader.read_into(name, row, piece_rows)
-            else:
-                row.copy_(reader.read(name, rows=piece_rows).reshape(-1))
+            reader.read_f32_into(name, row, piece_rows)
         return stacked.to(self.device) if pin else stacked
 
 
@@ -144,12 +141,17 @@ def _merge_piece(
     base, taus = stacked[0], stacked[1:]
     taus.sub_(base)
     gram = (taus @ taus.T).double()
-    if not bool(torch.isfinite(gram.diagonal()).all()):
-        bad = [labels[i] for i in range(len(labels)) if not math.isfinite(float(gram[i, i]))]
-        raise CheckpointError(f"tensor {name!r} contains NaN or Inf (fine-tune(s) {', '.join(bad)} or the base)")
+    _require_finite(gram, labels, name)
     sparsify_(taus, plan, labels, seed_name or name, part)
     delta = combine(taus, weights, plan, out=out)
     return delta.add_(base), gram
+
+
+def _require_finite(gram: torch.Tensor, labels: list[str], name: str) -> None:
+    """‖τ_t‖² (the gram's diagonal) is non-finite iff τ_t holds NaN/Inf: a free input check."""
+    if not bool(torch.isfinite(gram.diagonal()).all()):
+        bad = [labels[i] for i in range(len(labels)) if not math.isfinite(float(gram[i, i]))]
+        raise CheckpointError(f"tensor {name!r} contains NaN or Inf (fine-tune(s) {', '.join(bad)} or the base)")
 
 
 LINEAR_BLOCK = 1 << 15
@@ -170,9 +172,7 @@ def _linear_piece_blocked(
         target = out[start : start + LINEAR_BLOCK].reshape(1, -1)
         torch.matmul(row, taus, out=target)
         target.add_(block[0])
-    if not bool(torch.isfinite(gram.diagonal()).all()):
-        bad = [labels[i] for i in range(count) if not math.isfinite(float(gram[i, i]))]
-        raise CheckpointError(f"tensor {name!r} contains NaN or Inf (fine-tune(s) {', '.join(bad)} or the base)")
+    _require_finite(gram, labels, name)
     return out[: stacked.shape[1]], gram
 
 

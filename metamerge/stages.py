@@ -42,13 +42,10 @@ def resolve(ref: str, workdir: Path, endpoint_url: str | None = None) -> Resolve
 
 
 def ref_signature(ref: str) -> str:
-    """Cheap change detector for a ref, used as a cache key without reading any tensor.
+    """Cheap change detector for a local ref (names, sizes, mtimes), a cache key read from no tensor.
 
-    Local folders: names, sizes and mtimes of every file. Remote refs: the ref itself (their
-    resolve step asks the remote for ETags/commits, which is cheap and must not be skipped).
+    Remote refs are not cached by Prefect: their resolve step asks the remote for ETags/commits.
     """
-    if "://" in ref and not ref.startswith("file://"):
-        return f"remote:{ref}:{time.strftime('%Y%m%d%H')}"
     folder = Path(ref.removeprefix("file://"))
     if not folder.is_dir():
         return f"missing:{ref}"

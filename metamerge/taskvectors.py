@@ -81,9 +81,4 @@ def _read_f32(reader: CheckpointReader, name: str, rows: tuple[int, int] | None,
     n = math.prod(reader.piece_shape(name, rows))
     if n > buffer.numel():
         return reader.read(name, rows=rows).reshape(-1).to(torch.float32)
-    target = buffer[:n]
-    if reader.info(name).dtype == torch.float32:
-        reader.read_into(name, target, rows)
-    else:
-        target.copy_(reader.read(name, rows=rows).reshape(-1))
-    return target
+    return reader.read_f32_into(name, buffer[:n], rows)
