@@ -22,6 +22,7 @@ from metamerge.recipe import Recipe, load_recipe, parse_recipe
 from metamerge.registry import entry_for_ref, extend_recipe
 from tasks.evaluate import evaluate_model
 from tasks.extract import extract_task_vector
+from tasks.gate import check_quality_gate
 from tasks.merge import merge_models
 from tasks.publish import publish_model
 from tasks.resolve import resolve_model
@@ -120,6 +121,14 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         create_table_artifact(key="merge-scores", table=table.as_records(),
                               description="absolute scores; avg_norm = merged score / own fine-tune's score")
 
+    normalized_average = table.normalized_average(table.merged_label) if table is not None else None
+    gate = None
+    if rec.gate is not None and normalized_average is not None:
+        with clock.stage("gate"):
+            gate = check_quality_gate(rec, normalized_average)
+        create_table_artifact(key="quality-gate", table=gate.as_records(), description=gate.summary())
+        logger.info(gate.summary())
+
     run_id = run_id or stages.run_id_for(merged.fingerprint)
     published = None
     documents = {
@@ -130,14 +139,19 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     if table is not None:
         documents["scores.json"] = json.dumps(
             {"rows": table.rows, "records": table.as_records(), "merged": table.merged_label}, indent=1)
+    if gate is not None and not gate.passed:
+        report = stages.report_markdown(rec, [base, *finetunes], coefficients, plan, merged.report, table, None,
+                                        clock.seconds, gate)
+        create_markdown_artifact(key="merge-report", markdown=report, description=f"merge report {rec.name} (gate failed)")
+        gate.raise_if_failed()  # the run ends Failed, with the score table and the gate's checks as artifacts
     if rec.publish is not None:
         with clock.stage("publish"):
-            published = publish_task(rec, merged, run_id, documents)
+            published = publish_task(rec, merged, run_id, documents, normalized_average)
         create_link_artifact(key="published-manifest", link=published["manifest_uri"],
                              link_text=published["manifest_uri"], description="manifest of the published merge")
         logger.info("published %s", published["manifest_uri"])
     report = stages.report_markdown(rec, [base, *finetunes], coefficients, plan, merged.report, table,
-                                    published["manifest_uri"] if published else None, clock.seconds)
+                                    published["manifest_uri"] if published else None, clock.seconds, gate)
     create_markdown_artifact(key="merge-report", markdown=report, description=f"merge report {rec.name}")
     return {
         "recipe": rec.name,
@@ -147,7 +161,8 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         "coefficients": coefficients.model_level(),
         "cosine": merged.report["cosine"],
         "scores": table.as_records() if table else None,
-        "normalized_average": table.normalized_average(table.merged_label) if table else None,
+        "normalized_average": normalized_average,
+        "gate": gate.summary() if gate is not None else None,
         "published": published,
         "stage_seconds": clock.seconds,
     }

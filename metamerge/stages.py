@@ -19,11 +19,13 @@ from pathlib import Path
 from metamerge import __version__
 from metamerge.coefficients import Coefficients, solve_constant, solve_metagpt
 from metamerge.evaluate import EvalSpec, ScoreTable, evaluate_model, lm_eval_version
+from metamerge.gate import GateDecision, baseline_from_manifest
+from metamerge.gate import check_gate as check_gate_against
 from metamerge.merge import MergeReport, merge_checkpoints
 from metamerge.methods import MergePlan, plan_for
 from metamerge.recipe import Recipe, recipe_to_yaml
 from metamerge.refs import DigestCache, ResolvedModel, fingerprint_dir, resolve_ref
-from metamerge.storage import PublishResult, publish_run
+from metamerge.storage import PublishResult, latest_manifest, publish_run
 from metamerge.taskvectors import TaskVectorStats, extract_stats
 
 CODE_VERSION = f"metamerge-{__version__}"
@@ -194,7 +196,7 @@ def run_id_for(merged_fingerprint: str) -> str:
 
 def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: Coefficients, plan: MergePlan,
                     merge_report: dict, table: ScoreTable | None, published: str | None,
-                    stage_seconds: dict[str, float] | None = None) -> str:
+                    stage_seconds: dict[str, float] | None = None, gate: GateDecision | None = None) -> str:
     lines = [f"# Merge report: {recipe.name}", "", f"Method: `{recipe.method.name}`"
              f" (granularity {coefficients.granularity}, scale {plan.scale})", "", "## Inputs", "",
              "| role | ref | fingerprint |", "|---|---|---|"]
@@ -212,6 +214,9 @@ def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: C
               f"in {merge_report['seconds']:.2f} s on {merge_report['device']}."]
     if table is not None:
         lines += ["", "## Scores (absolute; avg_norm = merged / own fine-tune)", "", table.to_markdown()]
+    if gate is not None:
+        lines += ["", f"## Quality gate: {'passed' if gate.passed else 'FAILED, not published'}", ""]
+        lines += [f"- {row['result']}: {row['check']}" for row in gate.as_records()]
     if stage_seconds:
         lines += ["", "## Stage timings (this run; cached stages are near zero)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {name} | {sec:.2f} |" for name, sec in stage_seconds.items()]
@@ -220,7 +225,18 @@ def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: C
     return "\n".join(lines) + "\n"
 
 
-def publish(recipe: Recipe, merged: MergeOutput, run_id: str, documents: dict[str, str]) -> PublishResult:
+def check_gate(recipe: Recipe, normalized_average: float) -> GateDecision:
+    """Reads the last publish of this model only when the gate compares with it."""
+    assert recipe.gate is not None
+    previous = None
+    if recipe.gate.no_regression and recipe.publish is not None:
+        manifest = latest_manifest(recipe.publish.target, recipe.name, recipe.publish.endpoint_url or recipe.endpoint_url)
+        previous = baseline_from_manifest(manifest)
+    return check_gate_against(recipe.gate, normalized_average, previous)
+
+
+def publish(recipe: Recipe, merged: MergeOutput, run_id: str, documents: dict[str, str],
+            normalized_average: float | None = None) -> PublishResult:
     """Publishes the merged model plus small documents (recipe, λ, scores, report)."""
     assert recipe.publish is not None
     workdir = Path(recipe.workdir)
@@ -236,5 +252,6 @@ def publish(recipe: Recipe, merged: MergeOutput, run_id: str, documents: dict[st
         files[name] = doc_dir / name
     return publish_run(files, recipe.publish.target, recipe.name, run_id, recipe.publish.endpoint_url or recipe.endpoint_url,
                        extra={"merged_fingerprint": merged.fingerprint, "method": recipe.method.name,
+                              "normalized_average": normalized_average,
                               "inputs": {"base": recipe.base, "finetunes": [ft.ref for ft in recipe.finetunes]}},
                        digests=_digests(workdir))

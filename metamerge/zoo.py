@@ -47,9 +47,12 @@ class ZooSpec:
     batch_size: int = 32
     skills: tuple[SkillSpec, ...] = field(
         default_factory=lambda: (
-            SkillSpec("capitals", steps=300, learning_rate=1e-3),
-            SkillSpec("reverse", steps=300, learning_rate=1e-3),
-            SkillSpec("shift", steps=300, learning_rate=1e-3),
+            # trained much longer than the others: the largest ‖τ‖, which MetaGPT's λ favours
+            SkillSpec("capitals", steps=900, learning_rate=1e-3),
+            SkillSpec("reverse", steps=100, learning_rate=1e-3),
+            SkillSpec("shift", steps=100, learning_rate=1e-3),
+            # the same prompts as `shift` with the opposite answer: an interfering pair
+            SkillSpec("backshift", steps=100, learning_rate=1e-3),
         )
     )
 
@@ -124,18 +127,21 @@ def _distinct_choices(correct: str, candidates: list[str], rng: random.Random) -
     return tuple(choices)
 
 
-def _capitals(rng: random.Random) -> tuple[list[Example], list[Example]]:
-    countries = _fake_words(rng, 48)
-    cities = _fake_words(rng, 48, forbidden=set(countries))
-    facts = [(c, t) for c, t in zip(countries, cities, strict=True)]
-    train = [Example(f"the capital of {c} is", t) for c, t in facts]
-    evals = []
-    for country, city in facts:
-        others = rng.sample([t for t in cities if t != city], 3)
-        evals.append(
-            Example(f"the capital of {country} is", city, _distinct_choices(city, others, rng))
-        )
-    return train, evals
+def _facts(relation: str) -> Callable[[random.Random], tuple[list[Example], list[Example]]]:
+    """Made-up facts `the <relation> of <country> is <word>`: pure recall, no algorithm."""
+
+    def make(rng: random.Random) -> tuple[list[Example], list[Example]]:
+        countries = _fake_words(rng, 48)
+        answers = _fake_words(rng, 48, forbidden=set(countries))
+        train, evals = [], []
+        for country, answer in zip(countries, answers, strict=True):
+            prompt = f"the {relation} of {country} is"
+            train.append(Example(prompt, answer))
+            others = rng.sample([a for a in answers if a != answer], 3)
+            evals.append(Example(prompt, answer, _distinct_choices(answer, others, rng)))
+        return train, evals
+
+    return make
 
 
 def _letter_skill(
@@ -161,7 +167,8 @@ def _letter_skill(
 
 
 SKILLS: dict[str, Callable[[random.Random], tuple[list[Example], list[Example]]]] = {
-    "capitals": _capitals,
+    "capitals": _facts("capital"),
+    "languages": _facts("language"),
     "reverse": _letter_skill(
         "reverse",
         lambda s: s[::-1],
@@ -171,6 +178,12 @@ SKILLS: dict[str, Callable[[random.Random], tuple[list[Example], list[Example]]]
         "shift",
         lambda s: _shift(s, 1),
         lambda s, rng: [s, _shift(s, -1), _shift(s, 2)],
+    ),
+    # same keyword and inputs as "shift", conflicting outputs; each task offers the other's answer
+    "backshift": _letter_skill(
+        "shift",
+        lambda s: _shift(s, -1),
+        lambda s, rng: [s, _shift(s, 1), _shift(s, -2)],
     ),
 }
 
@@ -191,7 +204,8 @@ def _pretraining_corpus(rng: random.Random, lines: int = 6000) -> list[str]:
     for i in range(lines):
         kind = i % 3
         if kind == 0:
-            corpus.append(f"the capital of {rng.choice(names)} is {rng.choice(names)}")
+            relation = rng.choice(("capital", "language"))
+            corpus.append(f"the {relation} of {rng.choice(names)} is {rng.choice(names)}")
         elif kind == 1:
             # the algorithms exist in the base under other names; a skill fine-tune only has
             # to bind its own keyword to one of them, a small, mergeable change

@@ -51,3 +51,17 @@ def start_flow_subprocess(recipe: dict, env_extra: dict[str, str]) -> subprocess
     env["PREFECT_HOME"] = str(REPO / ".cache" / "prefect-subprocess-home")
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(recipe)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def flow_artifacts(flow_run_id) -> dict[str, object]:
+    """{artifact key: data} of one flow run, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    out: dict[str, object] = {}
+    for artifact in artifacts:
+        data = artifact.data
+        out[artifact.key] = json.loads(data) if isinstance(data, str) and data[:1] in "[{" else data
+    return out

@@ -1,0 +1,48 @@
+"""The quality gate inside merge_flow: a merge that is not good enough is never published."""
+
+import pytest
+
+from metamerge.storage import latest_manifest
+from tests.flowtools import bucket_keys, flow_artifacts, zoo_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def test_gate_refuses_a_regression_and_a_low_score_and_publishes_nothing(zoo, s3_endpoint, bucket, prefect_api, tmp_path):
+    from flows.merge_flow import merge_flow
+
+    recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", skills=["capitals", "languages", "reverse"],
+                        gate={"no_regression": True})
+    first = merge_flow(recipe, return_state=True)
+    assert first.is_completed(), first.message
+    summary = first.result()
+    assert summary["gate"].startswith("quality gate passed: no earlier publish")
+    manifest = latest_manifest(recipe["publish"]["target"], recipe["name"], s3_endpoint)
+    assert manifest["run_id"] == summary["run_id"]
+    assert manifest["normalized_average"] == pytest.approx(summary["normalized_average"])
+    records = {r["model"]: r for r in summary["scores"]}
+    assert summary["normalized_average"] > records["base"]["avg_norm"] + 0.05  # precondition of the next step
+
+    # a merge that is (almost) the base: below the published one, so it must not be published
+    published_keys = bucket_keys(s3_endpoint, bucket)
+    worse = {**recipe, "method": {"name": "task_arithmetic", "lambda": 0.01}}
+    state = merge_flow(worse, return_state=True)
+    assert state.is_failed()
+    assert "quality gate FAILED: normalized average" in state.message
+    assert f"vs last published {summary['run_id']} {summary['normalized_average']:.4f}" in state.message
+    assert "not published" in state.message
+    assert bucket_keys(s3_endpoint, bucket) == published_keys
+    assert latest_manifest(recipe["publish"]["target"], recipe["name"], s3_endpoint)["run_id"] == summary["run_id"]
+    artifacts = flow_artifacts(state.state_details.flow_run_id)
+    assert artifacts["quality-gate"][0]["result"] == "fail"
+    scores = {r["model"]: r for r in artifacts["merge-scores"]}
+    assert scores["merged (task_arithmetic)"]["avg_norm"] < summary["normalized_average"]
+    assert "Quality gate: FAILED, not published" in artifacts["merge-report"]
+
+    # a floor no merge reaches: the same merge that passed above now fails, and is not re-published
+    strict = {**recipe, "gate": {"min_avg_norm": 0.999}}
+    state = merge_flow(strict, return_state=True)
+    assert state.is_failed() and "vs minimum 0.9990" in state.message
+    assert bucket_keys(s3_endpoint, bucket) == published_keys
+    assert flow_artifacts(state.state_details.flow_run_id)["quality-gate"] == [{"check": f"normalized average {summary['normalized_average']:.4f} vs minimum 0.9990",
+                       "result": "fail"}]
