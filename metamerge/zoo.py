@@ -45,14 +45,16 @@ class ZooSpec:
     pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     batch_size: int = 32
+    # share of each fine-tune's batches replaying pre-training text (see _with_replay)
+    replay: float = 0.5
     skills: tuple[SkillSpec, ...] = field(
         default_factory=lambda: (
             # trained much longer than the others: the largest ‖τ‖, which MetaGPT's λ favours
             SkillSpec("capitals", steps=900, learning_rate=1e-3),
-            SkillSpec("reverse", steps=100, learning_rate=1e-3),
-            SkillSpec("shift", steps=100, learning_rate=1e-3),
+            SkillSpec("reverse", steps=300, learning_rate=1e-3),
+            SkillSpec("shift", steps=150, learning_rate=1e-3),
             # the same prompts as `shift` with the opposite answer: an interfering pair
-            SkillSpec("backshift", steps=100, learning_rate=1e-3),
+            SkillSpec("backshift", steps=150, learning_rate=1e-3),
         )
     )
 
@@ -311,6 +313,21 @@ def _lm_rows(tokenizer, lines: list[str]) -> list[tuple[list[int], list[int]]]:
     return rows
 
 
+def _with_replay(skill_rows: list, replay_rows: list, share: float) -> list:
+    """Skill rows mixed with pre-training text, as real fine-tunes mix in general data.
+
+    Without replay a tiny fine-tune learns "after `=` do my operation" for every keyword,
+    overwriting the base's keyword binding; its task vector is then mostly a direction all
+    skills share, and no merge can keep two skills. Replay makes it learn only its keyword.
+    """
+    if share <= 0:
+        return skill_rows
+    target = max(len(skill_rows), len(replay_rows))
+    skills = [skill_rows[i % len(skill_rows)] for i in range(target)]
+    replay_count = round(target * share / (1 - share))
+    return skills + [replay_rows[i % len(replay_rows)] for i in range(replay_count)]
+
+
 def _answer_only_rows(tokenizer, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
     """Loss on the answer tokens only, split exactly as lm-eval splits context/continuation."""
     rows = []
@@ -401,13 +418,15 @@ def build_zoo(
         model.save_pretrained(building / "base")
         log(f"zoo: base pre-trained (loss {loss:.3f}) in {time.monotonic() - started:.0f}s")
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        replay_rows = _lm_rows(tokenizer, corpus[:2000])
 
         task_names = {}
         for skill in spec.skills:
             model.load_state_dict(base_state)
             train, evals = skill_data[skill.name]
             loss = _train(
-                model, _answer_only_rows(tokenizer, train), skill.steps, skill.learning_rate,
+                model, _with_replay(_answer_only_rows(tokenizer, train), replay_rows, spec.replay), skill.steps,
+                skill.learning_rate,
                 spec.batch_size, tokenizer.pad_token_id, spec.seed + 1,
             )
             out = building / "finetunes" / skill.name
