@@ -8,6 +8,7 @@ completes with the same bytes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -72,7 +73,7 @@ def local_merge(zoo, tmp_path_factory, prefect_server):
 
 
 def _subflow_task_states(parent_state) -> dict[str, list[str]]:
-    """{task name: [states]} of the Dask subflow that the entry flow started."""
+    """{task name: [states]} of the Dask subflow that the entry flow started, from the Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
@@ -80,14 +81,10 @@ def _subflow_task_states(parent_state) -> dict[str, list[str]]:
 
     parent = parent_state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        # a subflow's parent is a task run of the parent flow run
-        runs = client.read_flow_runs()
-        children = [r for r in runs if r.parent_task_run_id is not None and r.id != parent]
-        del FlowRunFilter, FlowRunFilterParentFlowRunId
-        parent_tasks = {t.id for t in client.read_task_runs() if t.flow_run_id == parent}
-    child = [r for r in children if r.parent_task_run_id in parent_tasks]
-    assert len(child) == 1, child
-    return task_states(child[0].id)
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+    assert len(children) == 1, children
+    return task_states(children[0].id)
 
 
 def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpoint, bucket, api, local_merge, tmp_path):
@@ -106,10 +103,7 @@ def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpo
 
     # byte-equal to the local runner
     assert _files(result["merged_path"]) == local_merge
-    report = (Path(result["merged_path"]).parent / (Path(result["merged_path"]).name + ".report.json")).read_text()
-    import json
-
-    shards = json.loads(report)["shards"]
+    shards = json.loads(Path(result["merged_path"] + ".report.json").read_text())["shards"]
     assert len(shards) == sum(n.endswith(".safetensors") for n in local_merge)
     workers = {s["worker"] for s in shards}
     assert len(workers) == 2, f"shard tasks ran on {workers}"
@@ -171,8 +165,6 @@ def test_worker_killed_mid_shard_is_retried_elsewhere(zoo, s3_endpoint, bucket, 
 
     result = state.result()
     assert _files(result["merged_path"]) == local_merge
-    import json
-
     report = json.loads(Path(result["merged_path"] + ".report.json").read_text())
     workers = {s["worker"].rsplit("/", 1)[1] for s in report["shards"]}
     assert str(killed["pid"]) not in workers, "every shard's final result came from a live worker"
