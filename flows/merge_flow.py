@@ -90,11 +90,10 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
             stats = stages.stats_path(base, ft, label, plan, rec.merge.vocab, workdir)
             missing = not (store.exists(stats) if store else stats.exists())
             extract = extract_task.with_options(refresh_cache=missing)
-            extra = (store,) if store else ()
-            stats_futures.append(extract.submit(base, ft, label, plan, rec.merge.vocab, workdir, *extra))
+            stats_futures.append(extract.submit(base, ft, label, plan, rec.merge.vocab, workdir, store))
         stats_files = [f.result() for f in stats_futures]
     with clock.stage("solve"):
-        solved = solve_task(labels, stats_files, plan, rec.method.name, *((store,) if store else ()))
+        solved = solve_task(labels, stats_files, plan, rec.method.name, store)
     coefficients = coefficients_of(solved)
     logger.info("λ: %s", {k: round(v, 4) for k, v in coefficients.model_level().items()})
 
