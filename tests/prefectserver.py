@@ -72,3 +72,24 @@ def running_prefect_server(folder: Path) -> Iterator[dict]:
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     continue
         log.close()
+
+
+@contextmanager
+def using_api(api_url: str) -> Iterator[None]:
+    """This process talks to `api_url` for the block, events included.
+
+    Prefect keeps one events worker per process whose target is fixed when it starts; after
+    another test's API (e.g. the session's test harness) it would keep sending task-run
+    events there and task runs of this process would be missing from this server. Draining
+    it before and after makes the next one start against the API in force.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    EventsWorker.drain_all()
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            yield
+            EventsWorker.drain_all()
+    finally:
+        EventsWorker.drain_all()

@@ -19,7 +19,7 @@ import pytest
 
 from metamerge.storage import latest_manifest
 from tests.flowtools import bucket_keys, zoo_recipe
-from tests.prefectserver import running_prefect_server, wait_for
+from tests.prefectserver import running_prefect_server, using_api, wait_for
 
 pytestmark = pytest.mark.slow
 SKILLS = ["capitals", "reverse"]
@@ -35,11 +35,11 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture
 def api(prefect_server, monkeypatch, tmp_path):
     """This process and the Dask worker processes it starts talk to the one real server."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_server["api"])
     monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(tmp_path / "results"))
-    with temporary_settings({PREFECT_API_URL: prefect_server["api"], PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+    with using_api(prefect_server["api"]), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}):
         yield prefect_server["api"]
 
 
@@ -59,13 +59,11 @@ def _files(folder) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def local_merge(zoo, tmp_path_factory, prefect_server):
     """The local runner's merged files: what every Dask run must reproduce byte for byte."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.merge_flow import merge_flow
     from metamerge.s3server import local_s3_server
 
     work = tmp_path_factory.mktemp("local")
-    with local_s3_server() as endpoint, temporary_settings({PREFECT_API_URL: prefect_server["api"]}):
+    with local_s3_server() as endpoint, using_api(prefect_server["api"]):
         result = merge_flow(_recipe(zoo, endpoint, "unused", work / "wd"))
     files = _files(result["merged_path"])
     assert len([n for n in files if n.endswith(".safetensors")]) >= 4, list(files)
