@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from flows.scaleout import merge_by_shard, on_dask, run_on_dask
 from metamerge import stages
 from metamerge.methods import plan_for
 from metamerge.recipe import Recipe, load_recipe, parse_recipe
@@ -63,6 +64,10 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     rec = load(recipe)
     if finetune_refs:
         rec = extend_recipe(rec, [entry_for_ref(ref, rec.endpoint_url) for ref in finetune_refs])
+    if rec.runner.kind == "dask" and not on_dask():
+        return run_on_dask(merge_flow, rec, run_id)  # the same flow, as a subflow whose tasks run on Dask
+    dask = rec.runner.kind == "dask"
+    store = stages.shared_store(rec) if dask else None
     storage = result_storage_for(rec.results, rec.endpoint_url)
     opts = {"result_storage": storage} if storage is not None else {}
     resolve_task, extract_task, solve_task, merge_task, evaluate_task, publish_task = (
@@ -83,18 +88,23 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     with clock.stage("extract"):
         stats_futures = []
         for ft, label in zip(finetunes, labels, strict=True):
-            missing = not stages.stats_path(base, ft, label, plan, rec.merge.vocab, workdir).exists()
+            stats = stages.stats_path(base, ft, label, plan, rec.merge.vocab, workdir)
+            missing = not (store.exists(stats) if store else stats.exists())
             extract = extract_task.with_options(refresh_cache=missing)
-            stats_futures.append(extract.submit(base, ft, label, plan, rec.merge.vocab, workdir))
+            stats_futures.append(extract.submit(base, ft, label, plan, rec.merge.vocab, workdir, store))
         stats_files = [f.result() for f in stats_futures]
     with clock.stage("solve"):
-        solved = solve_task(labels, stats_files, plan, rec.method.name)
+        solved = solve_task(labels, stats_files, plan, rec.method.name, store)
     coefficients = coefficients_of(solved)
     logger.info("λ: %s", {k: round(v, 4) for k, v in coefficients.model_level().items()})
 
     with clock.stage("merge"):
-        missing = not stages.merged_dir(rec, base, finetunes, coefficients).exists()
-        merged = merge_task.with_options(refresh_cache=missing)(rec, base, finetunes, solved)
+        if dask:  # one task per output shard, spread over the workers; then a small finalize task
+            missing = not stages.merge_available(rec, base, finetunes, coefficients)
+            merged = merge_by_shard(rec, base, finetunes, solved, opts, refresh=missing)
+        else:
+            missing = not stages.merged_dir(rec, base, finetunes, coefficients).exists()
+            merged = merge_task.with_options(refresh_cache=missing)(rec, base, finetunes, solved)
     create_table_artifact(key="task-vector-cosine", table=stages.cosine_records(merged.report),
                           description="cosine of task vectors; MetaGPT assumes off-diagonal ≈ 0")
     logger.info("merged into %s (%s)", merged.path, merged.fingerprint[:12])
@@ -106,17 +116,23 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
             # every existing score in the cache
             all_tasks = list(dict.fromkeys(t for ft in rec.finetunes for t in ft.tasks))
 
-            def scores_of(label: str, path: str, fingerprint: str, tasks: list[str]) -> dict:
-                out: dict = {}
-                for task_name in tasks:
-                    spec = stages.eval_spec(rec, (task_name,))
-                    out.update(evaluate_task(label, path, fingerprint, spec, workdir))
-                return out
+            # under Dask they are submitted all at once (one worker each); locally one after the other
+            def scores_of(label: str, path: str, fingerprint: str, tasks: list[str], ref: str | None = None) -> list:
+                specs = [stages.eval_spec(rec, (task_name,)) for task_name in tasks]
+                if dask:
+                    return [evaluate_task.submit(label, path, fingerprint, spec, workdir, ref, store) for spec in specs]
+                return [evaluate_task(label, path, fingerprint, spec, workdir) for spec in specs]
 
-            base_scores = scores_of("base", str(base.path), base.fingerprint, all_tasks)
-            ft_scores = {ft.label: scores_of(ft.label, str(m.path), m.fingerprint, list(ft.tasks))
-                         for ft, m in zip(rec.finetunes, finetunes, strict=True)}
-            merged_scores = scores_of("merged", merged.path, merged.fingerprint, all_tasks)
+            def collect(parts: list) -> dict:
+                return {k: v for part in parts for k, v in (part.result() if dask else part).items()}
+
+            base_parts = scores_of("base", str(base.path), base.fingerprint, all_tasks, base.ref)
+            ft_parts = {ft.label: scores_of(ft.label, str(m.path), m.fingerprint, list(ft.tasks), m.ref)
+                        for ft, m in zip(rec.finetunes, finetunes, strict=True)}
+            merged_parts = scores_of("merged", merged.path, merged.fingerprint, all_tasks)
+            base_scores = collect(base_parts)
+            ft_scores = {label: collect(parts) for label, parts in ft_parts.items()}
+            merged_scores = collect(merged_parts)
         table = stages.score_table(rec, base_scores, ft_scores, merged_scores)
         create_table_artifact(key="merge-scores", table=table.as_records(),
                               description="absolute scores; avg_norm = merged score / own fine-tune's score")

@@ -262,14 +262,22 @@ def _header(shard: list[TensorInfo]) -> bytes:
 
 
 class ShardedWriter:
-    """Writes planned tensors in order, straight to disk, into shards plus an index."""
+    """Writes planned tensors in order, straight to disk, into shards plus an index.
 
-    def __init__(self, out_dir: Path, tensors: list[TensorInfo], max_shard_bytes: int):
+    With `only=i` it writes shard i alone (same plan, same header, same bytes as in a
+    whole-model run) and no index: that is how a shard is merged by its own task on another
+    machine, with `write_index` run once all shards exist.
+    """
+
+    def __init__(self, out_dir: Path, tensors: list[TensorInfo], max_shard_bytes: int, only: int | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.shards = plan_shards(tensors, max_shard_bytes)
         self.filenames = shard_filenames(len(self.shards))
-        self._order = [(i, info) for i, shard in enumerate(self.shards) for info in shard]
+        if only is not None and not 0 <= only < len(self.shards):
+            raise CheckpointError(f"writer: shard {only} does not exist (the plan has {len(self.shards)})")
+        self.only = only
+        self._order = [(i, info) for i, shard in enumerate(self.shards) for info in shard if only in (None, i)]
         self._next = 0
         self._written = 0
         self._fh = None
@@ -308,18 +316,30 @@ class ShardedWriter:
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise CheckpointError(f"writer: closed before tensor {missing!r} was written")
-        weight_map = {
-            info.name: fname for fname, shard in zip(self.filenames, self.shards, strict=True) for info in shard
-        }
-        total = sum(info.nbytes for shard in self.shards for info in shard)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        if self.only is not None:
+            return [self.filenames[self.only]]
+        write_index(self.out_dir, self.shards, self.filenames)
         return self.filenames
 
     def abort(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def write_index(out_dir: Path, shards: list[list[TensorInfo]], filenames: list[str]) -> None:
+    """model.safetensors.index.json of a planned checkpoint (the same bytes however it was written)."""
+    weight_map = {info.name: fname for fname, shard in zip(filenames, shards, strict=True) for info in shard}
+    total = sum(info.nbytes for shard in shards for info in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (Path(out_dir) / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+
+def verify_shard(path: Path, expected: list[TensorInfo]) -> None:
+    """Re-reads one written shard's header: exactly the planned tensors, and every byte present."""
+    _, infos, _ = read_header(Path(path), f"written shard {Path(path).name}")
+    if list(infos.values()) != list(expected):
+        raise CheckpointError(f"written shard {Path(path).name}: holds {list(infos)[:5]}…, planned {[i.name for i in expected][:5]}…")
 
 
 def verify_checkpoint(model_dir: Path, expected: list[TensorInfo]) -> None:

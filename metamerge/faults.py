@@ -1,8 +1,10 @@
 """Fault-injection points for crash tests; inert unless METAMERGE_TEST_HANG_AT is set.
 
 A test that must SIGKILL a run *during* the merge or *during* the upload sets
-METAMERGE_TEST_HANG_AT=merge|upload and METAMERGE_TEST_HANG_MARKER=<file>: the run touches
-the marker at that point and stops there until killed, so the kill lands deterministically.
+METAMERGE_TEST_HANG_AT=merge|merge-shard|upload and METAMERGE_TEST_HANG_MARKER=<file>: the run
+writes its pid to the marker at that point and stops there until killed, so the kill lands
+deterministically. With METAMERGE_TEST_HANG_ONCE=1 only the first process to arrive hangs
+(a Dask worker killed there has its task re-run on another worker, which must pass).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ def hang_point(name: str) -> None:
     if os.environ.get("METAMERGE_TEST_HANG_AT") != name:
         return
     marker = os.environ.get("METAMERGE_TEST_HANG_MARKER")
-    if marker:
+    if marker and os.environ.get("METAMERGE_TEST_HANG_ONCE"):
+        # once per marker: the first process to get here hangs; a retry elsewhere passes through
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+    elif marker:
         Path(marker).write_text(str(os.getpid()))
     while True:  # until SIGKILL
         time.sleep(1)

@@ -29,8 +29,12 @@ from metamerge.checkpoint import (
     ShardedWriter,
     TensorInfo,
     copy_aux_files,
+    plan_shards,
     row_chunks,
+    shard_filenames,
     verify_checkpoint,
+    verify_shard,
+    write_index,
 )
 from metamerge.coefficients import Coefficients
 from metamerge.compat import Alignment, align, aligned_rows, tied_aliases
@@ -176,6 +180,103 @@ def _linear_piece_blocked(
     return out[: stacked.shape[1]], gram
 
 
+class _Job:
+    """The inputs of one merge, opened and aligned, and its output plan (shared by every entry point)."""
+
+    def __init__(self, base_dir: Path, finetunes: list[tuple[str, Path]], coefficients: Coefficients,
+                 plan: MergePlan, dtype: str, device: str, vocab: str):
+        self.device = resolve_device(device)
+        self.base = CheckpointReader(base_dir, label="base")
+        readers = [CheckpointReader(path, label=label) for label, path in finetunes]
+        self.pairs = [(reader, align(self.base, reader, vocab)) for reader in readers]
+        self.labels = [label for label, _ in finetunes]
+        if coefficients.tasks != self.labels:
+            raise CheckpointError(f"coefficients are for {coefficients.tasks}, merge inputs are {self.labels}")
+        self.coefficients, self.plan = coefficients, plan
+        self.tensors_out = output_plan(self.base, dtype)
+
+    def pieces(self, tensors: list[TensorInfo]) -> list[tuple[TensorInfo, tuple[int, int] | None]]:
+        """Work items in write order: whole tensors, or row chunks for element-wise methods."""
+        base = self.base
+        return [
+            (info, rows)
+            for info in tensors
+            for rows in (row_chunks(base.info(info.name), checkpoint.CHUNK_ELEMENTS)
+                         if base.info(info.name).is_float and chunked(self.plan) else [None])
+        ]
+
+    def merged_count(self, tensors: list[TensorInfo]) -> int:
+        return sum(1 for info in tensors if self.base.info(info.name).is_float)
+
+
+@dataclass
+class _Totals:
+    """What a stream of pieces adds up to; shard partials sum to the whole model's."""
+
+    gram: torch.Tensor
+    bytes_read: int = 0
+    rounding_num: float = 0.0
+    rounding_den: float = 0.0
+
+
+def _stream(job: _Job, work: list, writer: ShardedWriter, total_bytes: int, progress: ProgressFn | None,
+            hang_at: str) -> _Totals:
+    """Reads, merges and writes every piece of `work` in order, overlapping read, compute and write."""
+    base, plan, labels, coefficients, compute_device = job.base, job.plan, job.labels, job.coefficients, job.device
+    inputs = _Inputs(base, job.pairs, compute_device)
+    aliases = tied_aliases(base) if plan.sparsify == "random" else {}
+    capacity = checkpoint.CHUNK_ELEMENTS  # whole tensors larger than this (TIES only) get their own buffers
+    workspaces = [_Workspace(len(labels) + 1, capacity, compute_device.type == "cuda") for _ in range(2)]
+    totals = _Totals(gram=torch.zeros((len(labels), len(labels)), dtype=torch.float64))
+    weights_cache: dict[str, torch.Tensor] = {}
+    with ThreadPoolExecutor(max_workers=1) as reader_pool, ThreadPoolExecutor(max_workers=1) as writer_pool:
+        pending_read: Future = reader_pool.submit(inputs.load, work[0][0].name, work[0][1], workspaces[0])
+        pending_write: Future | None = None
+        done_bytes = 0
+        for index, (info, rows) in enumerate(work):
+            loaded = pending_read.result()
+            workspace = workspaces[index % 2]
+            if index + 1 < len(work):
+                following = work[index + 1]
+                pending_read = reader_pool.submit(inputs.load, following[0].name, following[1], workspaces[(index + 1) % 2])
+            shape = base.piece_shape(info.name, rows)
+            totals.bytes_read += loaded.numel() * loaded.element_size()
+            if base.info(info.name).is_float:
+                group = coefficients.tensor_groups.get(info.name, "model")
+                if group not in weights_cache:
+                    weights_cache[group] = torch.tensor(coefficients.groups[group], dtype=torch.float32, device=compute_device)
+                n = loaded.shape[1]
+                out = workspace.result[:n] if n <= workspace.capacity and compute_device.type == "cpu" else None
+                result32, gram = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
+                                              rows[0] if rows else 0, out, aliases.get(info.name))
+                totals.gram += gram.cpu()
+                result = result32.reshape(shape).to(info.dtype)
+                if info.dtype != torch.float32:
+                    base32 = loaded[0].reshape(shape)
+                    lost = result.to(torch.float32) - result32.reshape(shape)
+                    totals.rounding_num += float(torch.linalg.vector_norm(lost, dtype=torch.float64)) ** 2
+                    totals.rounding_den += float(torch.linalg.vector_norm(result32.reshape(shape) - base32, dtype=torch.float64)) ** 2
+                    if not bool(torch.isfinite(result).all()):
+                        raise CheckpointError(f"tensor {info.name!r} overflows {info.dtype} after merging")
+            else:
+                result = loaded
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = writer_pool.submit(writer.write, info.name, result.to("cpu"))
+            done_bytes += result.numel() * result.element_size()
+            if progress is not None:
+                progress(done_bytes, total_bytes, info.name)
+            if index == len(work) // 2:
+                hang_point(hang_at)
+        if pending_write is not None:
+            pending_write.result()
+    return totals
+
+
+def _rounding_loss(num: float, den: float) -> float:
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
 def merge_checkpoints(
     base_dir: Path,
     finetunes: list[tuple[str, Path]],
@@ -185,81 +286,21 @@ def merge_checkpoints(
     *,
     dtype: str = "auto",
     device: str = "auto",
-    shard_size_mb: int = 2000,
+    shard_size_mb: float = 2000,
     vocab: str = "base",
     progress: ProgressFn | None = None,
 ) -> MergeReport:
+    """The whole model in one process: every shard, the index, aux files, verified, then renamed in."""
     started = time.monotonic()
     out_dir = Path(out_dir)
-    compute_device = resolve_device(device)
-    base = CheckpointReader(base_dir, label="base")
-    readers = [(CheckpointReader(path, label=label), None) for label, path in finetunes]
-    pairs = [(reader, align(base, reader, vocab)) for reader, _ in readers]
-    labels = [label for label, _ in finetunes]
-    if coefficients.tasks != labels:
-        raise CheckpointError(f"coefficients are for {coefficients.tasks}, merge inputs are {labels}")
-
-    tensors_out = output_plan(base, dtype)
+    job = _Job(base_dir, finetunes, coefficients, plan, dtype, device, vocab)
+    tensors_out = job.tensors_out
     total_bytes = sum(info.nbytes for info in tensors_out)
-    work = [
-        (info, rows)
-        for info in tensors_out
-        for rows in (row_chunks(base.info(info.name), checkpoint.CHUNK_ELEMENTS)
-                     if base.info(info.name).is_float and chunked(plan) else [None])
-    ]
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_dir = _temp_sibling(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     writer = ShardedWriter(tmp_dir, tensors_out, shard_size_mb * 1024 * 1024)
-    inputs = _Inputs(base, pairs, compute_device)
-    aliases = tied_aliases(base) if plan.sparsify == "random" else {}
-    capacity = checkpoint.CHUNK_ELEMENTS  # whole tensors larger than this (TIES only) get their own buffers
-    workspaces = [_Workspace(len(labels) + 1, capacity, compute_device.type == "cuda") for _ in range(2)]
-    gram_total = torch.zeros((len(labels), len(labels)), dtype=torch.float64)
-    bytes_read = 0
-    rounding_num = rounding_den = 0.0
-    weights_cache: dict[str, torch.Tensor] = {}
     try:
-        with ThreadPoolExecutor(max_workers=1) as reader_pool, ThreadPoolExecutor(max_workers=1) as writer_pool:
-            pending_read: Future = reader_pool.submit(inputs.load, work[0][0].name, work[0][1], workspaces[0])
-            pending_write: Future | None = None
-            done_bytes = 0
-            for index, (info, rows) in enumerate(work):
-                loaded = pending_read.result()
-                workspace = workspaces[index % 2]
-                if index + 1 < len(work):
-                    following = work[index + 1]
-                    pending_read = reader_pool.submit(inputs.load, following[0].name, following[1], workspaces[(index + 1) % 2])
-                shape = base.piece_shape(info.name, rows)
-                bytes_read += loaded.numel() * loaded.element_size()
-                if base.info(info.name).is_float:
-                    group = coefficients.tensor_groups.get(info.name, "model")
-                    if group not in weights_cache:
-                        weights_cache[group] = torch.tensor(coefficients.groups[group], dtype=torch.float32, device=compute_device)
-                    n = loaded.shape[1]
-                    out = workspace.result[:n] if n <= workspace.capacity and compute_device.type == "cpu" else None
-                    result32, gram = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
-                                                  rows[0] if rows else 0, out, aliases.get(info.name))
-                    gram_total += gram.cpu()
-                    result = result32.reshape(shape).to(info.dtype)
-                    if info.dtype != torch.float32:
-                        base32 = loaded[0].reshape(shape)
-                        lost = result.to(torch.float32) - result32.reshape(shape)
-                        rounding_num += float(torch.linalg.vector_norm(lost, dtype=torch.float64)) ** 2
-                        rounding_den += float(torch.linalg.vector_norm(result32.reshape(shape) - base32, dtype=torch.float64)) ** 2
-                        if not bool(torch.isfinite(result).all()):
-                            raise CheckpointError(f"tensor {info.name!r} overflows {info.dtype} after merging")
-                else:
-                    result = loaded
-                if pending_write is not None:
-                    pending_write.result()
-                pending_write = writer_pool.submit(writer.write, info.name, result.to("cpu"))
-                done_bytes += result.numel() * result.element_size()
-                if progress is not None:
-                    progress(done_bytes, total_bytes, info.name)
-                if index == len(work) // 2:
-                    hang_point("merge")
-            if pending_write is not None:
-                pending_write.result()
+        totals = _stream(job, job.pieces(tensors_out), writer, total_bytes, progress, "merge")
         writer.finish()
         verify_checkpoint(tmp_dir, tensors_out)
         copy_aux_files(base_dir, tmp_dir)
@@ -269,13 +310,148 @@ def merge_checkpoints(
         writer.abort()
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    merged = sum(1 for info in tensors_out if base.info(info.name).is_float)
+    merged = job.merged_count(tensors_out)
     return MergeReport(
-        out_dir=out_dir, device=str(compute_device), tensors=len(tensors_out), merged_tensors=merged,
-        copied_tensors=len(tensors_out) - merged, bytes_read=bytes_read, bytes_written=total_bytes,
-        seconds=time.monotonic() - started, gram=gram_total.tolist(), labels=labels,
-        delta_rounding_loss=math.sqrt(rounding_num / rounding_den) if rounding_den > 0 else 0.0,
+        out_dir=out_dir, device=str(job.device), tensors=len(tensors_out), merged_tensors=merged,
+        copied_tensors=len(tensors_out) - merged, bytes_read=totals.bytes_read, bytes_written=total_bytes,
+        seconds=time.monotonic() - started, gram=totals.gram.tolist(), labels=job.labels,
+        delta_rounding_loss=_rounding_loss(totals.rounding_num, totals.rounding_den),
     )
+
+
+def _temp_sibling(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# --- one output shard per call (scale-out: DESIGN.md §9) ------------------------------------------
+
+
+def output_shard_files(base_dir: Path, dtype: str = "auto", shard_size_mb: float = 2000) -> list[str]:
+    """File names of the output shards, from the base's header alone: how many shard tasks to start."""
+    tensors = output_plan(CheckpointReader(base_dir, label="base"), dtype)
+    return shard_filenames(len(plan_shards(tensors, shard_size_mb * 1024 * 1024)))
+
+
+@dataclass
+class ShardReport:
+    """One shard's file and its share of the whole-model report (gram, bytes, rounding partials)."""
+
+    index: int
+    filename: str
+    path: str
+    tensors: int
+    merged_tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    gram: list[list[float]]
+    rounding_num: float
+    rounding_den: float
+    device: str
+
+
+def merge_shard(
+    base_dir: Path,
+    finetunes: list[tuple[str, Path]],
+    coefficients: Coefficients,
+    plan: MergePlan,
+    out_dir: Path,
+    index: int,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    shard_size_mb: float = 2000,
+    vocab: str = "base",
+    progress: ProgressFn | None = None,
+) -> ShardReport:
+    """Merges only the tensors of output shard `index` into `out_dir/<its file name>`.
+
+    It reads only those tensors from every input, and the plan, header, piece order and DARE
+    keys are the whole-model run's, so the file is byte-identical to that run's shard. Written
+    to a temporary name, its header re-read and checked, then renamed: a killed task leaves
+    nothing under the final name.
+    """
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    job = _Job(base_dir, finetunes, coefficients, plan, dtype, device, vocab)
+    tmp_dir = out_dir / f".shard-{index}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    writer = ShardedWriter(tmp_dir, job.tensors_out, shard_size_mb * 1024 * 1024, only=index)
+    tensors = writer.shards[index]
+    filename = writer.filenames[index]
+    total_bytes = sum(info.nbytes for info in tensors)
+    try:
+        totals = _stream(job, job.pieces(tensors), writer, total_bytes, progress, "merge-shard")
+        writer.finish()
+        verify_shard(tmp_dir / filename, tensors)
+        os.replace(tmp_dir / filename, out_dir / filename)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return ShardReport(
+        index=index, filename=filename, path=str(out_dir / filename), tensors=len(tensors),
+        merged_tensors=job.merged_count(tensors), bytes_read=totals.bytes_read, bytes_written=total_bytes,
+        seconds=time.monotonic() - started, gram=totals.gram.tolist(), rounding_num=totals.rounding_num,
+        rounding_den=totals.rounding_den, device=str(job.device),
+    )
+
+
+def finalize_merge(
+    base_dir: Path,
+    shards: list[ShardReport],
+    labels: list[str],
+    out_dir: Path,
+    *,
+    dtype: str = "auto",
+    shard_size_mb: float = 2000,
+) -> MergeReport:
+    """Assembles merged shards into the checkpoint `merge_checkpoints` would have written.
+
+    Shard files are hard-linked (copied across file systems) into a temporary folder, the index
+    is written from the same plan as ShardedWriter's, aux files come from the base, the whole
+    checkpoint is verified, then renamed into place. The shard reports sum to the model's report.
+    """
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    tensors_out = output_plan(CheckpointReader(base_dir, label="base"), dtype)
+    planned = plan_shards(tensors_out, shard_size_mb * 1024 * 1024)
+    filenames = shard_filenames(len(planned))
+    got = sorted(report.filename for report in shards)
+    if got != sorted(filenames):
+        raise CheckpointError(f"finalize: shards {got} do not match the plan {filenames}")
+    tmp_dir = _temp_sibling(out_dir)
+    tmp_dir.mkdir(parents=True)
+    try:
+        for report in shards:
+            _link_or_copy(Path(report.path), tmp_dir / report.filename)
+        write_index(tmp_dir, planned, filenames)
+        verify_checkpoint(tmp_dir, tensors_out)
+        copy_aux_files(base_dir, tmp_dir)
+        _set_config_dtype(tmp_dir, dtype)
+        _commit(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    gram = torch.zeros((len(labels), len(labels)), dtype=torch.float64)
+    for report in shards:
+        gram += torch.tensor(report.gram, dtype=torch.float64)
+    merged = sum(report.merged_tensors for report in shards)
+    ordered = sorted(shards, key=lambda r: r.index)
+    return MergeReport(
+        out_dir=out_dir, device=ordered[0].device, tensors=len(tensors_out), merged_tensors=merged,
+        copied_tensors=len(tensors_out) - merged, bytes_read=sum(r.bytes_read for r in shards),
+        bytes_written=sum(r.bytes_written for r in shards),
+        seconds=sum(r.seconds for r in shards) + time.monotonic() - started, gram=gram.tolist(), labels=labels,
+        delta_rounding_loss=_rounding_loss(sum(r.rounding_num for r in shards), sum(r.rounding_den for r in shards)),
+    )
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _set_config_dtype(model_dir: Path, dtype: str) -> None:

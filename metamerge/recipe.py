@@ -109,6 +109,35 @@ class Gate(_Strict):
         return self
 
 
+class DaskCluster(_Strict):
+    """A LocalCluster started for the run (one machine; for many, give a scheduler `address`)."""
+
+    n_workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    memory_limit: str | int | None = Field(default="auto", description="per worker: bytes, '16GiB' or 'auto'")
+    processes: bool = True
+
+
+class Runner(_Strict):
+    """Where tasks run: in the flow's process (local) or on a Dask cluster (DESIGN.md §9)."""
+
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = Field(default=None, pattern=r"^[a-z]+://.+", description="scheduler, e.g. tcp://host:8786")
+    cluster: DaskCluster | None = None
+    storage: str | None = Field(default=None, pattern=r"^s3://[^/]{3,}",
+                                description="shared intermediates (stats, shards, merged model); default <results>/shared")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Runner:
+        if self.kind == "local":
+            for key in ("address", "cluster", "storage"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"'{key}' applies only to kind 'dask'")
+        if self.address is not None and self.cluster is not None:
+            raise ValueError("give either 'address' (an existing scheduler) or 'cluster' (a LocalCluster), not both")
+        return self
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: str = Field(min_length=1)
@@ -121,6 +150,21 @@ class Recipe(_Strict):
     endpoint_url: str | None = Field(default=None, description="S3 endpoint for s3:// refs (and publishing)")
     results: str | None = Field(default=None, pattern=r"^s3://[^/]{3,}", description="Prefect result storage (s3://bucket/prefix)")
     workdir: str = ".metamerge"
+    runner: Runner = Runner()
+
+    @field_validator("runner", mode="before")
+    @classmethod
+    def _runner_as_string(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @property
+    def shared_storage(self) -> str | None:
+        """s3:// location of intermediates every Dask worker can reach (None: local files only)."""
+        if self.runner.kind != "dask":
+            return None
+        if self.runner.storage:
+            return self.runner.storage
+        return f"{self.results.rstrip('/')}/shared" if self.results else None
 
     @field_validator("finetunes", mode="before")
     @classmethod

@@ -11,20 +11,24 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from metamerge import __version__
+from metamerge import merge as engine
 from metamerge.coefficients import Coefficients, solve_constant, solve_metagpt
+from metamerge.errors import InputError, TransientError
 from metamerge.evaluate import EvalSpec, ScoreTable, evaluate_model, lm_eval_version
 from metamerge.gate import GateDecision, baseline_from_manifest
 from metamerge.gate import check_gate as check_gate_against
-from metamerge.merge import MergeReport, merge_checkpoints
+from metamerge.merge import MergeReport, ShardReport, merge_checkpoints
 from metamerge.methods import MergePlan, plan_for
 from metamerge.recipe import Recipe, recipe_to_yaml
 from metamerge.refs import DigestCache, ResolvedModel, fingerprint_dir, resolve_ref
+from metamerge.shared import SharedStore
 from metamerge.storage import PublishResult, latest_manifest, publish_run
 from metamerge.taskvectors import TaskVectorStats, extract_stats
 
@@ -62,21 +66,50 @@ def stats_path(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: M
     return Path(workdir) / "stats" / f"{key}.json"
 
 
-def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str, workdir: Path) -> Path:
-    """Writes ‖τ‖² per tensor to a stats file named by (base, fine-tune, sparsify) content."""
+def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str, workdir: Path,
+            store: SharedStore | None = None) -> Path:
+    """Writes ‖τ‖² per tensor to a stats file named by (base, fine-tune, sparsify) content.
+
+    With a shared store (Dask across machines) the file is also put there, for the solve stage.
+    """
     out = stats_path(base, finetune, label, plan, vocab, workdir)
+    if store is not None and not out.exists() and store.exists(out):
+        store.ensure(out)
     if not out.exists():
+        if store is not None:
+            base, finetune = local_model(base, store), local_model(finetune, store)
         stats = extract_stats(base.path, finetune.path, label, plan, vocab)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         stats.save(tmp)
         tmp.replace(out)
+    if store is not None:
+        store.put(out)
     return out
 
 
-def solve(labels: list[str], stats_files: list[Path], plan: MergePlan, method_name: str) -> Coefficients:
+def shared_store(recipe: Recipe) -> SharedStore:
+    """How this recipe's workers share workdir files (an S3 location under `runner: dask`, else none)."""
+    return SharedStore(str(Path(recipe.workdir).resolve()), recipe.shared_storage, recipe.endpoint_url)
+
+
+def local_model(model: ResolvedModel, store: SharedStore) -> ResolvedModel:
+    """The model on this machine. A worker that did not resolve a remote ref downloads it itself."""
+    if Path(model.path).exists():
+        return model
+    if "://" in model.ref and not model.ref.startswith("file://"):
+        again = resolve_ref(model.ref, Path(store.workdir), store.endpoint_url)
+        if again.fingerprint != model.fingerprint:
+            raise TransientError(f"{model.ref} changed since this run resolved it; re-run to merge the new version")
+        return again
+    raise InputError(f"{model.ref}: folder {model.path} is not on this machine; on a multi-machine cluster use "
+                     "s3:// or hf:// refs, or a shared file system")
+
+
+def solve(labels: list[str], stats_files: list[Path], plan: MergePlan, method_name: str,
+          store: SharedStore | None = None) -> Coefficients:
     if plan.weighting == "metagpt":
-        stats = [TaskVectorStats.load(Path(p)) for p in stats_files]
+        stats = [TaskVectorStats.load(store.ensure(Path(p)) if store else Path(p)) for p in stats_files]
         return solve_metagpt(labels, {s.label: s.sq_norms for s in stats}, plan.granularity, method_name)
     weight = 1.0 / len(labels) if plan.weighting == "uniform" else plan.weight
     return solve_constant(labels, weight, method_name)
@@ -140,6 +173,89 @@ def merge(
     return MergeOutput(str(out_dir), fingerprint_dir(out_dir, _digests(workdir)), report)
 
 
+# --- the merge split by output shard (runner: dask; DESIGN.md §9) ----------------------------------
+
+
+def shard_dir(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], coefficients: Coefficients) -> Path:
+    """Where a worker writes (and, with a store, from where it uploads) the shards of one merge."""
+    out = merged_dir(recipe, base, finetunes, coefficients)
+    return out.with_name(out.name + ".shards")
+
+
+def merge_report_path(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".report.json")
+
+
+def merge_available(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel],
+                    coefficients: Coefficients) -> bool:
+    """The merged model exists here or in shared storage: its cached task results are still good."""
+    out = merged_dir(recipe, base, finetunes, coefficients)
+    if out.exists() and merge_report_path(out).exists():
+        return True
+    store = shared_store(recipe)
+    return store.uri is not None and store.exists(merge_report_path(out))
+
+
+def plan_merge_shards(recipe: Recipe, base: ResolvedModel) -> list[str]:
+    """Output shard file names, from the base's header: one merge task per name."""
+    base = local_model(base, shared_store(recipe))
+    return engine.output_shard_files(base.path, recipe.merge.dtype, recipe.merge.shard_size_mb)
+
+
+def merge_shard(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], coefficients: Coefficients,
+                index: int, progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Merges output shard `index` on whichever machine runs this; the file goes to shared storage.
+
+    Returns the shard's report (a dict, small) with the host and process that did the work.
+    """
+    store = shared_store(recipe)
+    base = local_model(base, store)
+    finetunes = [local_model(f, store) for f in finetunes]
+    out = shard_dir(recipe, base, finetunes, coefficients)
+    out.mkdir(parents=True, exist_ok=True)
+    report = engine.merge_shard(
+        base.path, [(ft.label, f.path) for ft, f in zip(recipe.finetunes, finetunes, strict=True)], coefficients,
+        plan_for(recipe.method), out, index, dtype=recipe.merge.dtype, device=recipe.merge.device,
+        shard_size_mb=recipe.merge.shard_size_mb, vocab=recipe.merge.vocab, progress=progress,
+    )
+    store.put(Path(report.path))
+    return {**asdict(report), "worker": f"{socket.gethostname()}/{os.getpid()}"}
+
+
+def finalize_merge(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], coefficients: Coefficients,
+                   shards: list[dict]) -> MergeOutput:
+    """Index, aux files, verification and commit of a merge done shard by shard; then shared.
+
+    The result is the folder `merge` would have produced (byte-equal files). With a store, the
+    merged folder and its report are uploaded so evaluation and publishing can run anywhere.
+    """
+    store = shared_store(recipe)
+    out_dir = merged_dir(recipe, base, finetunes, coefficients)
+    report_file = merge_report_path(out_dir)
+    if (out_dir.exists() and report_file.exists()) or (store.uri is not None and store.exists(report_file)):
+        store.ensure(report_file)
+        store.ensure_dir(out_dir)
+        report = json.loads(report_file.read_text())
+    else:
+        base = local_model(base, store)
+        names = {f.name for f in fields(ShardReport)}
+        reports = [ShardReport(**{k: v for k, v in shard.items() if k in names}) for shard in shards]
+        for report in reports:
+            store.ensure(Path(report.path))
+        result = engine.finalize_merge(base.path, reports, [ft.label for ft in recipe.finetunes], out_dir,
+                                       dtype=recipe.merge.dtype, shard_size_mb=recipe.merge.shard_size_mb)
+        report = result.to_dict()
+        report["shards"] = [{k: shard[k] for k in ("index", "filename", "worker", "seconds", "bytes_written")}
+                            for shard in sorted(shards, key=lambda s: s["index"])]
+        report_file.write_text(json.dumps(report, indent=1))
+        store.put_dir(out_dir)
+        store.put(report_file)
+        for shard in reports:
+            store.remove(Path(shard.path))
+        shutil.rmtree(shard_dir(recipe, base, finetunes, coefficients), ignore_errors=True)
+    return MergeOutput(str(out_dir), fingerprint_dir(out_dir, _digests(Path(recipe.workdir))), report)
+
+
 def eval_spec(recipe: Recipe, tasks: tuple[str, ...]) -> EvalSpec:
     ev = recipe.evaluation
     assert ev is not None
@@ -158,11 +274,19 @@ def task_spec_hash(spec: EvalSpec) -> str:
     return digest.hexdigest()[:16]
 
 
-def evaluate(model_path: str, model_fingerprint: str, spec: EvalSpec, workdir: Path) -> dict[str, dict]:
+def evaluate(model_path: str, model_fingerprint: str, spec: EvalSpec, workdir: Path,
+             ref: str | None = None, store: SharedStore | None = None) -> dict[str, dict]:
+    """Scores of one model; on a worker that lacks the model, `ref` or the shared store brings it."""
     out = Path(workdir) / "scores" / f"{short_hash(model_fingerprint, task_spec_hash(spec), lm_eval_version())}.json"
     if out.exists():
         return json.loads(out.read_text())
-    scores = evaluate_model(Path(model_path), spec)
+    path = Path(model_path)
+    if store is not None and not path.exists():
+        if ref is not None:
+            path = local_model(ResolvedModel(ref, path, model_fingerprint), store).path
+        else:
+            path = store.ensure_dir(path)
+    scores = evaluate_model(path, spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(scores, indent=1))
     return scores
@@ -243,7 +367,7 @@ def publish(recipe: Recipe, merged: MergeOutput, run_id: str, documents: dict[st
     doc_dir = workdir / "publish" / run_id
     doc_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    merged_dir = Path(merged.path)
+    merged_dir = shared_store(recipe).ensure_dir(Path(merged.path))
     for file in sorted(p for p in merged_dir.iterdir() if p.is_file()):
         files[file.name] = file
     documents = {"recipe.yaml": recipe_to_yaml(recipe), **documents}

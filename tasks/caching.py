@@ -48,3 +48,16 @@ def publish_key(_context: Any, params: dict[str, Any]) -> str:
     recipe = params["recipe"]
     return short_hash("publish", params["merged"].fingerprint, recipe.publish.model_dump(mode="json"), recipe.name,
                       sorted(params["documents"].items()), CODE_VERSION)
+
+
+def plan_shards_key(_context: Any, params: dict[str, Any]) -> str:
+    merge = params["recipe"].merge
+    return short_hash("plan-shards", params["base"].fingerprint, merge.dtype, merge.shard_size_mb, CODE_VERSION)
+
+
+def merge_shard_key(context: Any, params: dict[str, Any]) -> str:
+    return short_hash("merge-shard", merge_key(context, params), params["index"])
+
+
+def finalize_key(context: Any, params: dict[str, Any]) -> str:
+    return short_hash("finalize", merge_key(context, params))

@@ -8,14 +8,9 @@ headless Chromium opens the merge run in the Prefect UI and saves a screenshot f
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,33 +18,10 @@ import yaml
 
 from metamerge.storage import latest_manifest, s3_client
 from tests.flowtools import REPO, zoo_recipe
+from tests.prefectserver import BIN, running_prefect_server
+from tests.prefectserver import wait_for as _wait
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, step: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
@@ -61,31 +33,8 @@ def _upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
 @pytest.fixture
 def prefect_server(tmp_path):
     """`prefect server start` on a free loopback port with its own PREFECT_HOME; stopped after."""
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "PREFECT_LOGGING_LEVEL": "INFO",
-           "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
-    env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    processes = [server]
-    try:
-        _wait(lambda: _healthy(api) or server.poll() is not None, 120, "prefect server")
-        assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-        yield {"api": api, "url": f"http://127.0.0.1:{port}", "env": env, "processes": processes}
-    finally:
-        for proc in reversed(processes):
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=15)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
-        log.close()
+    with running_prefect_server(tmp_path) as server:
+        yield server
 
 
 def _cli(env, *args, timeout=180) -> str:

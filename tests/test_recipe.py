@@ -67,3 +67,31 @@ def test_fingerprint_ignores_spelling():
     b = parse_recipe({**BASE, "method": {"name": "metagpt"}})
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != parse_recipe({**BASE, "method": "average"}).fingerprint()
+
+
+def test_runner_defaults_to_local_and_accepts_dask_forms():
+    assert parse_recipe(BASE).runner.kind == "local"
+    assert parse_recipe(BASE).shared_storage is None
+    r = parse_recipe({**BASE, "runner": "dask", "results": "s3://bkt/results"})
+    assert r.runner.kind == "dask" and r.runner.cluster is None and r.shared_storage == "s3://bkt/results/shared"
+    r = parse_recipe({**BASE, "runner": {"kind": "dask", "address": "tcp://sched:8786", "storage": "s3://bkt/x"}})
+    assert r.runner.address == "tcp://sched:8786" and r.shared_storage == "s3://bkt/x"
+    r = parse_recipe({**BASE, "runner": {"kind": "dask", "cluster": {"n_workers": 4, "memory_limit": "16GiB"}}})
+    assert (r.runner.cluster.n_workers, r.runner.cluster.threads_per_worker, r.runner.cluster.memory_limit) == (4, 1, "16GiB")
+
+
+@pytest.mark.parametrize(
+    ("runner", "fragment"),
+    [
+        ({"kind": "k8s"}, "runner.kind"),
+        ({"kind": "local", "address": "tcp://x:1"}, "runner: 'address' applies only to kind 'dask'"),
+        ({"kind": "dask", "address": "tcp://x:1", "cluster": {}}, "either 'address'"),
+        ({"kind": "dask", "cluster": {"n_workerz": 2}}, "runner.cluster.n_workerz: unknown key"),
+        ({"kind": "dask", "cluster": {"n_workers": 0}}, "runner.cluster.n_workers"),
+        ({"kind": "dask", "address": "sched:8786"}, "runner.address"),
+        ({"kind": "dask", "storage": "/shared"}, "runner.storage"),
+    ],
+)
+def test_runner_errors_name_the_key(runner, fragment):
+    with pytest.raises(RecipeError, match=fragment.replace("(", r"\(")):
+        parse_recipe({**BASE, "runner": runner})

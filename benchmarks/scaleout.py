@@ -1,0 +1,157 @@
+"""Merge wall time split by output shard on a Dask LocalCluster: 1 worker against 2 workers.
+
+    python benchmarks/scaleout.py [--size small|default|large] [--shard-mb 100] [--repeats 2]
+
+Same checkpoints as benchmarks/merge_throughput.py (a base + 3 fine-tunes, its builder). For
+each method it times, best of N, warm page cache:
+  * local_s: the single-process engine (`merge_checkpoints`), the baseline;
+  * dask_s[w]: one `merge_shard` task per output shard on a LocalCluster of w worker
+    processes (1 thread each), then `finalize_merge` (index, aux files, verification);
+and checks that every run's files are byte-equal to the local run's. Prefect is left out on
+purpose: it adds about 2 s per task (measured in tests/test_dask_scaleout.py), which is noise
+for 70B shards but would hide the engine's scaling on these small ones.
+Results go to benchmarks/results/scaleout.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from benchmarks.merge_throughput import LABELS, SIZES, build_family, drop_page_cache_hint  # noqa: E402
+
+METHODS = {
+    "task_arithmetic": {"weighting": "constant", "weight": 0.3},
+    "ties": {"sparsify": "magnitude", "density": 0.2, "consensus": "ties", "weighting": "constant", "normalize": True},
+}
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _shard_task(base: str, fts: list, method: str, out: str, index: int, shard_mb: float) -> dict:
+    """Runs on a worker: the core engine only."""
+    from dataclasses import asdict
+
+    from metamerge.coefficients import solve_constant
+    from metamerge.merge import merge_shard
+    from metamerge.methods import MergePlan
+
+    plan = MergePlan(**METHODS[method])
+    coefficients = solve_constant(LABELS, plan.weight, method)
+    report = merge_shard(Path(base), [(label, Path(p)) for label, p in fts], coefficients, plan, Path(out), index,
+                         device="cpu", shard_size_mb=shard_mb)
+    return {**asdict(report), "pid": os.getpid()}
+
+
+def local_run(base: Path, fts: list[Path], method: str, out: Path, shard_mb: float) -> float:
+    from metamerge.coefficients import solve_constant
+    from metamerge.merge import merge_checkpoints
+    from metamerge.methods import MergePlan
+
+    shutil.rmtree(out, ignore_errors=True)
+    plan = MergePlan(**METHODS[method])
+    started = time.perf_counter()
+    merge_checkpoints(base, list(zip(LABELS, fts, strict=True)), solve_constant(LABELS, plan.weight, method), plan, out,
+                      device="cpu", shard_size_mb=shard_mb)
+    return time.perf_counter() - started
+
+
+def dask_run(client, base: Path, fts: list[Path], method: str, out: Path, staged: Path, shard_mb: float) -> tuple[float, int]:
+    from metamerge.merge import ShardReport, finalize_merge, output_shard_files
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    started = time.perf_counter()
+    count = len(output_shard_files(base, "auto", shard_mb))
+    pairs = [(label, str(p)) for label, p in zip(LABELS, fts, strict=True)]
+    futures = [client.submit(_shard_task, str(base), pairs, method, str(staged), i, shard_mb, pure=False)
+               for i in range(count)]
+    results = client.gather(futures)
+    names = {f.name for f in fields(ShardReport)}
+    reports = [ShardReport(**{k: v for k, v in r.items() if k in names}) for r in results]
+    finalize_merge(base, reports, LABELS, out, shard_size_mb=shard_mb)
+    elapsed = time.perf_counter() - started
+    return elapsed, len({r["pid"] for r in results})
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="default")
+    parser.add_argument("--shard-mb", type=float, default=100)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--work", type=Path, default=ROOT / "work")
+    args = parser.parse_args()
+
+    import torch
+    from distributed import Client, LocalCluster
+
+    from metamerge.merge import output_shard_files
+
+    dims = SIZES[args.size]
+    base, fts = build_family(args.work, dims)
+    drop_page_cache_hint([base, *fts])
+    out = args.work / "scaleout"
+    torch.set_num_threads(1)
+    results: dict = {
+        "size": args.size, "dims": dims, "shard_mb": args.shard_mb,
+        "shards": len(output_shard_files(base, "auto", args.shard_mb)),
+        "input_bytes": sum(f.stat().st_size for d in [base, *fts] for f in d.glob("*.safetensors")),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "note": "2-core machine shared with other work; timings are noisy. Each Dask worker is one process with "
+                "1 torch thread; local_s is the single-process engine with 1 torch thread (local_2threads_s: 2).",
+        "local_s": {}, "local_2threads_s": {}, "dask_s": {}, "speedup_2_vs_1_workers": {}, "byte_equal_to_local": {},
+    }
+    for method in METHODS:
+        torch.set_num_threads(1)
+        results["local_s"][method] = min(local_run(base, fts, method, out / "local", args.shard_mb) for _ in range(args.repeats))
+        torch.set_num_threads(2)
+        results["local_2threads_s"][method] = min(
+            local_run(base, fts, method, out / "local2", args.shard_mb) for _ in range(args.repeats))
+        shutil.rmtree(out / "local2", ignore_errors=True)
+    torch.set_num_threads(1)
+    for workers in [int(w) for w in args.workers.split(",")]:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit="6GiB",
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            client.run(_one_thread)
+            for method in METHODS:
+                runs = []
+                for _ in range(args.repeats):
+                    seconds, used = dask_run(client, base, fts, method, out / f"dask-{workers}", out / "staged", args.shard_mb)
+                    runs.append(seconds)
+                results["dask_s"].setdefault(method, {})[str(workers)] = min(runs)
+                results.setdefault("workers_used", {}).setdefault(method, {})[str(workers)] = used
+                local_run(base, fts, method, out / "local", args.shard_mb)
+                results["byte_equal_to_local"].setdefault(method, {})[str(workers)] = (
+                    files_of(out / f"dask-{workers}") == files_of(out / "local"))
+    for method, by_workers in results["dask_s"].items():
+        if "1" in by_workers and "2" in by_workers:
+            results["speedup_2_vs_1_workers"][method] = round(by_workers["1"] / by_workers["2"], 2)
+    shutil.rmtree(out, ignore_errors=True)
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "scaleout.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

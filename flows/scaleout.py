@@ -1,0 +1,65 @@
+"""Running merge_flow on Dask (`runner: dask` in the recipe): the task runner, and the merge by shard.
+
+The recipe is read inside the flow, but a flow's task runner is fixed when it starts; so the
+entry flow re-runs itself as a subflow with a DaskTaskRunner (an existing scheduler's address,
+or a LocalCluster it starts and stops). Inside that subflow every `.submit` goes to the cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import Flow
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import FlowRunContext
+from prefect.futures import as_completed
+from prefect.settings import get_current_settings
+from prefect_dask import DaskTaskRunner
+
+from metamerge import stages
+from metamerge.errors import InputError
+from metamerge.recipe import DaskCluster, Recipe, Runner
+from metamerge.refs import ResolvedModel
+from tasks.merge_shards import finalize_merge, merge_shard, plan_shards
+
+
+def task_runner_for(runner: Runner, api_url: str | None = None) -> DaskTaskRunner:
+    """An existing scheduler (`address`) or a LocalCluster built from `cluster` (default 2 × 1 thread)."""
+    if runner.address:
+        return DaskTaskRunner(address=runner.address)
+    spec = runner.cluster or DaskCluster()
+    kwargs: dict[str, Any] = {"n_workers": spec.n_workers, "threads_per_worker": spec.threads_per_worker,
+                              "memory_limit": spec.memory_limit, "processes": spec.processes}
+    if api_url and spec.processes:
+        kwargs["env"] = {"PREFECT_API_URL": api_url}  # workers report task runs to the same server
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def on_dask() -> bool:
+    context = FlowRunContext.get()
+    return context is not None and isinstance(context.task_runner, DaskTaskRunner)
+
+
+def run_on_dask(flow: Flow, recipe: Recipe, run_id: str | None) -> Any:
+    """Runs `flow` again as a subflow whose tasks go to Dask; returns its result."""
+    api_url = get_current_settings().api.url
+    if not api_url:
+        raise InputError("runner: dask needs a Prefect API server that the Dask workers can reach: start one "
+                         "(`prefect server start`) and set PREFECT_API_URL (docs/scaling.md)")
+    runner = task_runner_for(recipe.runner, api_url)
+    return flow.with_options(task_runner=runner)(recipe.model_dump(mode="json", by_alias=True), run_id)
+
+
+def merge_by_shard(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], solved: dict,
+                   options: dict[str, Any], refresh: bool) -> stages.MergeOutput:
+    """plan → one task per output shard (spread over workers) → finalize; a progress artifact per shard."""
+    planner, shard_task, finalizer = (t.with_options(**options, refresh_cache=refresh)
+                                      for t in (plan_shards, merge_shard, finalize_merge))
+    names = planner.submit(recipe, base).result()
+    progress_id = create_progress_artifact(progress=0.0, key="merge-progress", description="output shards merged")
+    futures = [shard_task.submit(recipe, base, finetunes, solved, index) for index in range(len(names))]
+    shards = []
+    for future in as_completed(futures):
+        shards.append(future.result())
+        update_progress_artifact(progress_id, progress=100.0 * len(shards) / len(futures))
+    return finalizer.submit(recipe, base, finetunes, solved, sorted(shards, key=lambda s: s["index"])).result()

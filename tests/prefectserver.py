@@ -1,0 +1,95 @@
+"""A real `prefect server` on a free loopback port, for tests that need one (deployments, Dask).
+
+Ephemeral mode is not enough there: deployment workers and Dask worker processes must all
+reach one API, which they find through PREFECT_API_URL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def running_prefect_server(folder: Path) -> Iterator[dict]:
+    """Starts the server with its own PREFECT_HOME under `folder`; stops it and everything in `processes`."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(folder / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "PREFECT_LOGGING_LEVEL": "INFO",
+           "PREFECT_LOCAL_STORAGE_PATH": str(folder / "results")}
+    env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
+    log = open(folder / "server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    processes = [server]
+    try:
+        wait_for(lambda: healthy(api) or server.poll() is not None, 120, "prefect server")
+        assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
+        yield {"api": api, "url": f"http://127.0.0.1:{port}", "env": env, "processes": processes}
+    finally:
+        for proc in reversed(processes):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=15)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+        log.close()
+
+
+@contextmanager
+def using_api(api_url: str) -> Iterator[None]:
+    """This process talks to `api_url` for the block, events included.
+
+    Prefect keeps one events worker per process whose target is fixed when it starts; after
+    another test's API (e.g. the session's test harness) it would keep sending task-run
+    events there and task runs of this process would be missing from this server. Draining
+    it before and after makes the next one start against the API in force.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    EventsWorker.drain_all()
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            yield
+            EventsWorker.drain_all()
+    finally:
+        EventsWorker.drain_all()
