@@ -26,7 +26,8 @@ def compare_flow(recipe: str | dict[str, Any], methods: list[str] | None = None,
     for method in chosen:
         label = method_label(method)
         variant = rec.model_copy(update={"method": method, "publish": None, "gate": None})
-        runs[label] = merge_flow.with_options(flow_run_name=f"{rec.name} · {label}")(variant)
+        parameters = variant.model_dump(mode="json", by_alias=True, exclude_none=True)  # a flow parameter is JSON
+        runs[label] = merge_flow.with_options(flow_run_name=f"{rec.name} · {label}")(parameters)
         logger.info("%s: avg_norm %.4f", label, runs[label]["normalized_average"] or 0.0)
     comparison = Comparison.from_runs(runs)
     create_table_artifact(key="method-comparison", table=comparison.records(),

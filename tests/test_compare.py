@@ -25,7 +25,7 @@ def _restore_environment():
 
 
 def test_compare_writes_the_table_from_real_merges_and_reuses_the_pipeline(zoo, prefect_api, tmp_path):
-    skills = ["capitals", "languages"]
+    skills = ["capitals", "reverse"]
     recipe = demo_recipe(zoo, None, tmp_path / "work", skills=skills)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "recipe.yaml"), "--methods", "metagpt,task_arithmetic",
@@ -33,7 +33,7 @@ def test_compare_writes_the_table_from_real_merges_and_reuses_the_pipeline(zoo, 
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "q.json").read_text())
     tasks = [zoo.task_names[s] for s in skills]
-    assert set(data) == {"base", "finetune:capitals", "finetune:languages", "metagpt", "task_arithmetic"}
+    assert set(data) == {"base", "finetune:capitals", "finetune:reverse", "metagpt", "task_arithmetic"}
     own = {task: data[f"finetune:{skill}"][task] for skill, task in zip(skills, tasks, strict=True)}
     for row in ("base", "metagpt", "task_arithmetic"):
         scores = data[row]

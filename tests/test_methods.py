@@ -243,5 +243,5 @@ def test_engine_output_files_equal_dense_reference_on_the_zoo(zoo, tmp_path, met
             want = bk + sum(w * t for w, t in zip(lam, taus, strict=True))
         else:
             want = bk + _ties_reference([_trim(t.astype(np.float32).astype(np.float64), 0.2) for t in taus],
-                                        [1, 1, 1], 1.0, normalize=True)
+                                        [1] * len(taus), 1.0, normalize=True)
         np.testing.assert_allclose(got[k].double().numpy(), want, rtol=1e-4, atol=1e-5, err_msg=k)

@@ -11,8 +11,7 @@ pytestmark = pytest.mark.slow
 def test_gate_refuses_a_regression_and_a_low_score_and_publishes_nothing(zoo, s3_endpoint, bucket, prefect_api, tmp_path):
     from flows.merge_flow import merge_flow
 
-    recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", skills=["capitals", "languages", "reverse"],
-                        gate={"no_regression": True})
+    recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", gate={"no_regression": True})
     first = merge_flow(recipe, return_state=True)
     assert first.is_completed(), first.message
     summary = first.result()
