@@ -71,3 +71,12 @@ def isolated_results(tmp_path, prefect_api):
     path = tmp_path / "prefect-results"
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: path}):
         yield path
+
+
+@pytest.fixture
+def restore_environment():
+    """CLI commands set Prefect defaults in os.environ; keep them out of later tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -13,15 +13,7 @@ from tests.helpers import random_family
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _restore_environment(monkeypatch):
-    """CLI commands set Prefect defaults in os.environ; keep them out of later tests."""
-    import os
-
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environment")
 
 
 @pytest.fixture

