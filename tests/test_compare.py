@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environment")]
 
 
 
-def test_compare_writes_the_table_from_real_merges_and_reuses_the_pipeline(zoo, prefect_api, tmp_path):
+def test_compare_writes_the_table_from_real_merges_and_reuses_the_pipeline(zoo, isolated_results, tmp_path):
     skills = ["capitals", "reverse"]
     recipe = demo_recipe(zoo, None, tmp_path / "work", skills=skills)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
