@@ -25,16 +25,28 @@ def zoo_recipe(zoo, endpoint: str, bucket: str, workdir: Path, skills: list[str]
     return recipe
 
 
-def task_states(flow_run_id) -> dict[str, list[str]]:
-    """{task name: [final state names]} of one flow run, from the Prefect API."""
+def task_states(flow_run_id, timeout: float = 30.0) -> dict[str, list[str]]:
+    """{task name: [final state names]} of one flow run, from the Prefect API.
+
+    Task-run states reach the API as events, a moment after the flow returns: wait until every
+    task run has a final state rather than read a half-recorded run.
+    """
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            settled = runs and all(run.state is not None and run.state.is_final() for run in runs)
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     states: dict[str, list[str]] = defaultdict(list)
     for run in runs:
-        states[run.name].append(run.state.name)
+        states[run.name].append(run.state.name if run.state is not None else "<no state>")
     return dict(states)
 
 
