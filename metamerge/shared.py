@@ -19,7 +19,7 @@ from pathlib import Path
 
 from metamerge.errors import InputError, TransientError
 from metamerge.refs import sha256_file
-from metamerge.storage import MULTIPART_BYTES, _s3_error, _s3_matches, parse_target, s3_client
+from metamerge.storage import _s3_error, parse_target, s3_client, upload_unless_present
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,12 @@ class SharedStore:
         if self.uri is None:
             return
         from boto3.exceptions import S3UploadFailedError
-        from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key, client = parse_target(self.uri).bucket, self._key(path), s3_client(self.endpoint_url)
         meta = {"sha256": sha256_file(Path(path)), "size": Path(path).stat().st_size}
         try:
-            if not _s3_matches(client, bucket, key, meta):
-                client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": meta["sha256"]}},
-                                   Config=TransferConfig(multipart_threshold=MULTIPART_BYTES,
-                                                         multipart_chunksize=MULTIPART_BYTES))
+            upload_unless_present(client, bucket, key, Path(path), meta)
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise _s3_error(client, f"upload of {path.name} to shared storage", exc) from exc
 

@@ -106,24 +106,17 @@ def _s3_error(client, action: str, exc: Exception) -> Exception:
 
 def _publish_s3(files_in: dict[str, Path], target: Target, run_key: str, manifest: dict, endpoint_url: str | None) -> tuple[int, int]:
     from boto3.exceptions import S3UploadFailedError
-    from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = s3_client(endpoint_url)
-    transfer = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
     uploaded = skipped = 0
     try:
         _require_bucket(client, target.bucket)
         _claim_s3(client, target.bucket, run_key, manifest)
         for rel, meta in manifest["files"].items():
-            key = f"{run_key}/{rel}"
-            if _s3_matches(client, target.bucket, key, meta):
+            if not upload_unless_present(client, target.bucket, f"{run_key}/{rel}", files_in[rel], meta):
                 skipped += 1
                 continue
-            client.upload_file(
-                str(files_in[rel]), target.bucket, key, Config=transfer,
-                ExtraArgs={"Metadata": {"sha256": meta["sha256"]}},
-            )
             uploaded += 1
             hang_point("upload")
         for rel, meta in manifest["files"].items():
@@ -185,6 +178,20 @@ def _require_bucket(client, bucket: str) -> None:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
             raise InputError(f"S3 publish at {_endpoint(client)}: NoSuchBucket {bucket!r}") from None
         raise
+
+
+def upload_unless_present(client, bucket: str, key: str, path: Path, meta: dict) -> bool:
+    """Uploads `path` (multipart, sha256 in its metadata) unless the same bytes are already at `key`.
+
+    Returns whether it uploaded: re-running a publish or a shared-storage put is then cheap.
+    """
+    from boto3.s3.transfer import TransferConfig
+
+    if _s3_matches(client, bucket, key, meta):
+        return False
+    client.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": meta["sha256"]}},
+                       Config=TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES))
+    return True
 
 
 def _s3_matches(client, bucket: str, key: str, meta: dict) -> bool:
