@@ -131,14 +131,14 @@ def io_floor(inputs: list[Path], out_dir: Path) -> float:
     return time.perf_counter() - started
 
 
-def ours(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path) -> float:
+def ours(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path, device: str = "cpu") -> float:
     from metamerge import stages
     from metamerge.recipe import parse_recipe
 
     recipe = parse_recipe({
         "name": f"bench-{method}", "base": str(base), "method": {"name": method},
         "finetunes": [{"ref": str(p), "name": p.name} for p in fts],
-        "merge": {"device": "cpu", "shard_size_mb": 1000}, "workdir": str(work / "wd"),
+        "merge": {"device": device, "shard_size_mb": 1000}, "workdir": str(work / "wd"),
     })
     from metamerge.merge import merge_checkpoints
     from metamerge.methods import plan_for
@@ -149,7 +149,9 @@ def ours(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path) ->
     started = time.perf_counter()
     stats = [stages.extract(rb, f, f.path.name, plan, "base", work / "wd") for f in rfs] if plan.needs_norms else []
     coefficients = stages.solve([p.name for p in fts], stats, plan, method)
-    merge_checkpoints(base, [(p.name, p) for p in fts], coefficients, plan, out_dir, device="cpu", shard_size_mb=1000)
+    merge_checkpoints(base, [(p.name, p) for p in fts], coefficients, plan, out_dir, device=device, shard_size_mb=1000)
+    if device == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     shutil.rmtree(work / "wd" / "stats", ignore_errors=True)  # time extraction every repeat
     return elapsed

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.merge_flow import load, merge_flow
+from metamerge import progress
 from metamerge.quality import DEFAULT_METHODS, Comparison, method_label, parse_method
 
 
@@ -27,7 +28,8 @@ def compare_flow(recipe: str | dict[str, Any], methods: list[str] | None = None,
         label = method_label(method)
         variant = rec.model_copy(update={"method": method, "publish": None, "gate": None})
         parameters = variant.model_dump(mode="json", by_alias=True, exclude_none=True)  # a flow parameter is JSON
-        runs[label] = merge_flow.with_options(flow_run_name=f"{rec.name} · {label}")(parameters)
+        with progress.scoped(label):  # the CLI shows one line per method
+            runs[label] = merge_flow.with_options(flow_run_name=f"{rec.name} · {label}")(parameters)
         logger.info("%s: avg_norm %.4f", label, runs[label]["normalized_average"] or 0.0)
     comparison = Comparison.from_runs(runs)
     create_table_artifact(key="method-comparison", table=comparison.records(),

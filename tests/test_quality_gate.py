@@ -4,14 +4,17 @@ import pytest
 
 from metamerge.storage import latest_manifest
 from tests.flowtools import bucket_keys, flow_artifacts, zoo_recipe
+from tests.zoo_reference import one_example
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.quality]
 
 
 def test_gate_refuses_a_regression_and_a_low_score_and_publishes_nothing(zoo, s3_endpoint, bucket, prefect_api, tmp_path):
     from flows.merge_flow import merge_flow
 
-    recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", gate={"no_regression": True})
+    # one fine-tune: λ = 1, so the first merge is that fine-tune (avg_norm ≈ 1) and a near-base merge
+    # falls below it by the zoo's contract (own ≥ bar, base ≤ ceiling) on any CPU
+    recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", skills=["capitals"], gate={"no_regression": True})
     first = merge_flow(recipe, return_state=True)
     assert first.is_completed(), first.message
     summary = first.result()
@@ -20,7 +23,8 @@ def test_gate_refuses_a_regression_and_a_low_score_and_publishes_nothing(zoo, s3
     assert manifest["run_id"] == summary["run_id"]
     assert manifest["normalized_average"] == pytest.approx(summary["normalized_average"])
     records = {r["model"]: r for r in summary["scores"]}
-    assert summary["normalized_average"] > records["base"]["avg_norm"] + 0.05  # precondition of the next step
+    assert summary["normalized_average"] == pytest.approx(1.0, abs=one_example(zoo, "zoo_capitals"))
+    assert records["base"]["avg_norm"] <= zoo.contract["base_ceiling"] / zoo.contract["bar"] + 0.05
 
     # a merge that is (almost) the base: below the published one, so it must not be published
     published_keys = bucket_keys(s3_endpoint, bucket)
