@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     from metamerge.cli import demo_recipe, llm_comparison, prepare_environment, run_comparison
     from metamerge.quality import DEFAULT_METHODS
+    from metamerge.zoo_contract import cpu_capability
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", choices=("tiny", "llm"), default="tiny")
@@ -41,7 +42,7 @@ def main() -> None:
 
         recipe = demo_recipe(build_zoo(REPO / ".cache" / "zoo"), None, work, name="zoo")
         comparison = run_comparison(recipe, methods)
-        paths = comparison.write(args.out, "quality", title="tiny zoo: merge methods compared")
+        paths = comparison.write(args.out, "quality", title=f"tiny zoo ({cpu_capability()} kernels): merge methods compared")
     print(comparison.to_markdown())
     print(f"best by avg_norm: {comparison.best_method()}; {time.monotonic() - started:.0f}s; wrote "
           + ", ".join(str(p.relative_to(REPO)) for p in paths.values()))

