@@ -2,7 +2,8 @@
 
 Clients point `endpoint_url` at the proxy; it forwards requests verbatim to the upstream
 server, except that the first `fail_first` requests (or all, when `always`) are answered
-with an HTTP error or a dropped connection. This is the one place tests fake anything, and
+with an HTTP error or a dropped connection. Every request is counted and logged (method, path),
+so tests can check how often and in which order a client called. This is the one place tests fake anything, and
 it fakes only the network, not S3.
 """
 
@@ -20,6 +21,7 @@ class FaultProxy:
         self.fail_first, self.mode, self.always = fail_first, mode, always
         self.requests = 0
         self.faults = 0
+        self.log: list[tuple[str, str]] = []  # (method, path) of every request, in arrival order
         self._lock = threading.Lock()
         proxy = self
 
@@ -34,6 +36,7 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else b""
                 with proxy._lock:
                     proxy.requests += 1
+                    proxy.log.append((self.command, self.path))
                     fail = proxy.always or proxy.requests <= proxy.fail_first
                     if fail:
                         proxy.faults += 1

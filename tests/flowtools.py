@@ -25,29 +25,57 @@ def zoo_recipe(zoo, endpoint: str, bucket: str, workdir: Path, skills: list[str]
     return recipe
 
 
-def task_states(flow_run_id, timeout: float = 30.0) -> dict[str, list[str]]:
-    """{task name: [final state names]} of one flow run, from the Prefect API.
+def task_runs(flow_run_id, timeout: float = 30.0, expect=()) -> list:
+    """Every task run of one flow run, from the Prefect API, once each has a final state.
 
-    Task-run states reach the API as events, a moment after the flow returns: wait until every
-    task run has a final state rather than read a half-recorded run.
+    Task runs and their states reach the API as events, a moment after the flow returns: wait
+    until every task run has a final state, and until every name in `expect` has appeared
+    (otherwise a run whose last task runs are not recorded yet would look complete).
     """
     import time
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    expect = set(expect)
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             settled = runs and all(run.state is not None and run.state.is_final() for run in runs)
-            if settled or time.monotonic() > deadline:
-                break
+            if settled and expect <= {run.name for run in runs}:
+                return runs
+            if time.monotonic() > deadline:
+                missing = expect - {run.name for run in runs}
+                raise AssertionError(f"task runs of {flow_run_id} not all recorded and final after {timeout}s "
+                                     f"(missing {sorted(missing)}; states {[(r.name, r.state and r.state.name) for r in runs]})")
             time.sleep(0.5)
+
+
+def task_states(flow_run_id, timeout: float = 30.0, expect=()) -> dict[str, list[str]]:
+    """{task name: [final state names]} of one flow run (see `task_runs`)."""
     states: dict[str, list[str]] = defaultdict(list)
-    for run in runs:
-        states[run.name].append(run.state.name if run.state is not None else "<no state>")
+    for run in task_runs(flow_run_id, timeout, expect):
+        states[run.name].append(run.state.name)
     return dict(states)
+
+
+def expected_task_names(recipe: dict) -> set[str]:
+    """The task runs merge_flow (local runner) creates for a recipe: what a complete run records."""
+    from metamerge.recipe import parse_recipe
+
+    rec = parse_recipe(recipe)
+    names = {f"resolve {rec.base}", "solve", "merge"} | {f"resolve {ft.ref}" for ft in rec.finetunes}
+    names |= {f"extract {ft.label}" for ft in rec.finetunes}
+    if rec.evaluation is not None:
+        tasks = list(dict.fromkeys(t for ft in rec.finetunes for t in ft.tasks))
+        names |= {f"evaluate base on ('{t}',)" for t in tasks} | {f"evaluate merged on ('{t}',)" for t in tasks}
+        names |= {f"evaluate {ft.label} on ('{t}',)" for ft in rec.finetunes for t in ft.tasks}
+    if rec.gate is not None:
+        names.add("quality gate")
+    if rec.publish is not None:
+        names.add("publish")
+    return names
 
 
 def bucket_keys(endpoint: str, bucket: str) -> set[str]:

@@ -28,19 +28,29 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], shards: int
 
 
 def random_family(root: Path, n_finetunes: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0,
-                  layers: int = 2, scale: list[float] | None = None) -> tuple[Path, list[Path], dict, list[dict]]:
-    """A base and fine-tunes with Llama-like names, odd shapes and an integer buffer."""
+                  layers: int = 2, scale: list[float] | None = None,
+                  shared: float = 0.0, hidden: int = 12) -> tuple[Path, list[Path], dict, list[dict]]:
+    """A base and fine-tunes with Llama-like names, odd shapes and an integer buffer.
+
+    `hidden` sets the width (12: about 3 KB per tensor; 600: q_proj alone is 1.4 MB, for 1 MB shards).
+
+    `shared` > 0 adds one common direction (that multiple of each fine-tune's own noise scale)
+    to every task vector, so their cosines are far from 0 (and differ from pair to pair).
+    """
     gen = torch.Generator().manual_seed(seed)
-    base = {"model.embed_tokens.weight": torch.randn(37, 12, generator=gen)}
+    h = hidden
+    base = {"model.embed_tokens.weight": torch.randn(37, h, generator=gen)}
     for layer in range(layers):
-        base[f"model.layers.{layer}.self_attn.q_proj.weight"] = torch.randn(12, 12, generator=gen)
-        base[f"model.layers.{layer}.mlp.up_proj.weight"] = torch.randn(19, 12, generator=gen)
-        base[f"model.layers.{layer}.input_layernorm.weight"] = torch.randn(12, generator=gen)
-    base["model.norm.weight"] = torch.randn(12, generator=gen)
-    base["lm_head.weight"] = torch.randn(37, 12, generator=gen)
+        base[f"model.layers.{layer}.self_attn.q_proj.weight"] = torch.randn(h, h, generator=gen)
+        base[f"model.layers.{layer}.mlp.up_proj.weight"] = torch.randn(19, h, generator=gen)
+        base[f"model.layers.{layer}.input_layernorm.weight"] = torch.randn(h, generator=gen)
+    base["model.norm.weight"] = torch.randn(h, generator=gen)
+    base["lm_head.weight"] = torch.randn(37, h, generator=gen)
     base["model.position_ids"] = torch.arange(7, dtype=torch.int64)
     base = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in base.items()}
     base_dir = write_checkpoint(root / "base", base)
+    common = ({k: torch.randn(v.shape, generator=gen) for k, v in base.items() if v.is_floating_point()}
+              if shared else {})
     fts, ft_dirs = [], []
     for t in range(n_finetunes):
         s = (scale or [0.1 * (t + 1)] * n_finetunes)[t]
@@ -49,7 +59,10 @@ def random_family(root: Path, n_finetunes: int = 3, dtype: torch.dtype = torch.f
             if v.is_floating_point():
                 # per-layer magnitudes differ so granularity variants give different λ
                 layer_boost = 1.0 + (t + 1) * (k.count("layers.1") * 2.0)
-                ft[k] = (v.float() + s * layer_boost * torch.randn(v.shape, generator=gen)).to(dtype)
+                delta = torch.randn(v.shape, generator=gen)
+                if shared:
+                    delta = delta + shared * (t + 1) * common[k]
+                ft[k] = (v.float() + s * layer_boost * delta).to(dtype)
             else:
                 ft[k] = v.clone()
         fts.append(ft)

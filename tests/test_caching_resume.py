@@ -1,53 +1,83 @@
 """Content-addressed caching, and resuming after SIGKILL, on the real zoo, Prefect API and S3 server."""
 
 import json
+import os
 import signal
+import sys
 import time
 
 import pytest
 
-from metamerge import checkpoint, refs, stages
+from metamerge import stages
 from metamerge.storage import latest_manifest, s3_client
-from tests.flowtools import bucket_keys, start_flow_subprocess, task_states, zoo_recipe
+from tests.flowtools import bucket_keys, expected_task_names, start_flow_subprocess, task_states, zoo_recipe
 
 pytestmark = pytest.mark.slow
 
 
-class ReadCounter:
-    """Counts every way a run could touch model bytes: headers, tensors, file hashes, lm-eval."""
-
-    def __init__(self, monkeypatch):
-        self.calls = {"header": 0, "tensor": 0, "sha256": 0, "lm_eval": 0}
-        for module, name, key in [(checkpoint, "read_header", "header"), (refs, "sha256_file", "sha256"),
-                                  (stages, "evaluate_model", "lm_eval")]:
-            monkeypatch.setattr(module, name, self._wrap(getattr(module, name), key))
-        monkeypatch.setattr(checkpoint.CheckpointReader, "read_into",
-                            self._wrap(checkpoint.CheckpointReader.read_into, "tensor"))
-
-    def _wrap(self, fn, key):
-        def wrapped(*args, **kwargs):
-            self.calls[key] += 1
-            return fn(*args, **kwargs)
-
-        return wrapped
+_OPEN_LISTENERS: list = []
+_HOOKED = []
 
 
-def test_second_run_is_all_cached_and_reads_nothing(zoo, s3_endpoint, bucket, isolated_results, tmp_path, monkeypatch):
+def _audit(event: str, args: tuple) -> None:
+    """Python's audit hook sees every open() / Path.open() / os.open() in this process, whatever module calls it."""
+    if event == "open" and _OPEN_LISTENERS and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.fsdecode(args[0])
+        if path.endswith(".safetensors"):
+            for listener in _OPEN_LISTENERS:
+                listener(path)
+
+
+@pytest.fixture
+def model_reads(monkeypatch):
+    """Every open of a *.safetensors file by this process, plus every lm-eval run (it loads models itself)."""
+    if not _HOOKED:
+        sys.addaudithook(_audit)  # process-wide and permanent: inert while no listener is registered
+        _HOOKED.append(True)
+    reads = {"opened": [], "lm_eval": 0}
+    real = stages.evaluate_model
+
+    def counting(*args, **kwargs):
+        reads["lm_eval"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "evaluate_model", counting)
+    _OPEN_LISTENERS.append(reads["opened"].append)
+    yield reads
+    _OPEN_LISTENERS.remove(reads["opened"].append)
+
+
+def _objects(endpoint: str, bucket: str) -> dict[str, tuple]:
+    """Every object with what changes when it is written again: (ETag, size, LastModified)."""
+    listed = s3_client(endpoint).list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"]: (o["ETag"], o["Size"], o["LastModified"]) for o in listed}
+
+
+def test_second_run_is_all_cached_and_reads_nothing(zoo, s3_endpoint, bucket, isolated_results, tmp_path, model_reads):
     from flows.merge_flow import merge_flow
 
     recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work")
+    expected = expected_task_names(recipe)
+    model_reads["opened"].clear()
     first = merge_flow(recipe, return_state=True)
     assert first.is_completed(), first.message
-    counter = ReadCounter(monkeypatch)
+    assert model_reads["opened"] and model_reads["lm_eval"] > 0  # the counter sees a real run's reads
+    first_states = task_states(first.state_details.flow_run_id, expect=expected)
+    assert set(first_states) == expected, set(first_states) ^ expected
+    published = _objects(s3_endpoint, bucket)
+    model_reads["opened"].clear()
+    model_reads["lm_eval"] = 0
+    time.sleep(1.1)  # S3 LastModified has 1 s resolution: a re-upload now would show
     started = time.monotonic()
     second = merge_flow(recipe, return_state=True)
     elapsed = time.monotonic() - started
     assert second.is_completed(), second.message
-    states = task_states(second.state_details.flow_run_id)
-    flat = [s for names in states.values() for s in names]
-    assert flat and set(flat) == {"Cached"}, states
-    assert counter.calls == {"header": 0, "tensor": 0, "sha256": 0, "lm_eval": 0}
-    assert second.result()["published"] == first.result()["published"]
+    states = task_states(second.state_details.flow_run_id, expect=expected)
+    assert {name: len(runs) for name, runs in states.items()} == {name: len(runs) for name, runs in first_states.items()}
+    assert {s for names in states.values() for s in names} == {"Cached"}, states
+    assert model_reads == {"opened": [], "lm_eval": 0}
+    assert _objects(s3_endpoint, bucket) == published  # nothing uploaded again
+    assert second.result()["run_id"] == first.result()["run_id"]
     print(f"cached re-run took {elapsed:.1f}s")
 
 
@@ -59,7 +89,8 @@ def test_adding_a_finetune_recomputes_only_what_depends_on_it(zoo, s3_endpoint, 
     three = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work")
     state = merge_flow(three, return_state=True)
     assert state.is_completed(), state.message
-    states = task_states(state.state_details.flow_run_id)
+    states = task_states(state.state_details.flow_run_id, expect=expected_task_names(three))
+    assert set(states) == expected_task_names(three)
     assert states["extract capitals"] == ["Cached"] and states["extract reverse"] == ["Cached"]
     assert states["extract shift"] == ["Completed"]
     for task in ("zoo_capitals", "zoo_reverse"):
@@ -87,6 +118,27 @@ def _kill_at(point: str, recipe: dict, tmp_path, results) -> None:
     proc.wait(timeout=30)
 
 
+def _uninterrupted_merge(recipe: dict, workdir) -> dict[str, bytes]:
+    """The same merge run start to end, without Prefect, in a workdir of its own: {file: bytes}."""
+    from pathlib import Path
+
+    from metamerge.methods import plan_for
+    from metamerge.recipe import parse_recipe
+
+    rec = parse_recipe({**recipe, "workdir": str(workdir)})
+    plan, labels = plan_for(rec.method), [ft.label for ft in rec.finetunes]
+    base = stages.resolve(rec.base, workdir)
+    fts = [stages.resolve(ft.ref, workdir) for ft in rec.finetunes]
+    stats = [stages.extract(base, f, label, plan, rec.merge.vocab, workdir) for f, label in zip(fts, labels, strict=True)]
+    out = stages.merge(rec, base, fts, stages.solve(labels, stats, plan, rec.method.name))
+    return {p.name: p.read_bytes() for p in sorted(Path(out.path).iterdir())}
+
+
+def _published_bytes(endpoint: str, bucket: str, run_uri: str, names) -> dict[str, bytes]:
+    client, prefix = s3_client(endpoint), run_uri.removeprefix(f"s3://{bucket}/")
+    return {name: client.get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"].read() for name in names}
+
+
 def test_sigkill_during_merge_then_resume(zoo, s3_endpoint, bucket, isolated_results, tmp_path):
     from flows.merge_flow import merge_flow
 
@@ -103,7 +155,14 @@ def test_sigkill_during_merge_then_resume(zoo, s3_endpoint, bucket, isolated_res
     states = task_states(state.state_details.flow_run_id)
     assert set(states["extract capitals"]) == {"Cached"}  # finished before the kill, reused
     assert not any(p.exists() for p in leftovers), "stale temporaries are cleaned on the next run"
-    assert state.result()["published"]["manifest_uri"].endswith("manifest.json")
+    result = state.result()
+    assert result["published"]["manifest_uri"].endswith("manifest.json")
+    # the resumed output is byte for byte what a run that was never killed writes
+    want = _uninterrupted_merge(recipe, tmp_path / "uninterrupted")
+    from pathlib import Path
+
+    assert {p.name: p.read_bytes() for p in sorted(Path(result["merged_path"]).iterdir())} == want
+    assert _published_bytes(s3_endpoint, bucket, result["published"]["run_uri"], want) == want
 
 
 def test_sigkill_during_upload_then_resume(zoo, s3_endpoint, bucket, isolated_results, tmp_path):
@@ -125,6 +184,9 @@ def test_sigkill_during_upload_then_resume(zoo, s3_endpoint, bucket, isolated_re
     prefix = summary["published"]["run_uri"].removeprefix(f"s3://{bucket}/")
     body = client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read()
     assert set(json.loads(body)["files"]) <= {k.removeprefix(prefix + "/") for k in bucket_keys(s3_endpoint, bucket)}
+    # what was published, half before the kill and half after, is byte for byte an uninterrupted run's model
+    want = _uninterrupted_merge(recipe, tmp_path / "uninterrupted")
+    assert _published_bytes(s3_endpoint, bucket, summary["published"]["run_uri"], want) == want
 
 
 def test_results_on_s3_are_shared_between_runs(zoo, s3_endpoint, bucket, isolated_results, tmp_path):
@@ -135,11 +197,15 @@ def test_results_on_s3_are_shared_between_runs(zoo, s3_endpoint, bucket, isolate
 
     recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", results=f"s3://{bucket}/prefect-results",
                         endpoint_url=s3_endpoint)
-    assert merge_flow(recipe, return_state=True).is_completed()
+    expected = expected_task_names(recipe)
+    first = merge_flow(recipe, return_state=True)
+    assert first.is_completed(), first.message
     stored = [k for k in bucket_keys(s3_endpoint, bucket) if k.startswith("prefect-results/")]
-    assert len(stored) >= 10  # one per cached task result
+    assert len(stored) >= len(expected)  # one per cached task result
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "empty-local-store"}):
         state = merge_flow(recipe, return_state=True)
     assert state.is_completed(), state.message
-    flat = [s for names in task_states(state.state_details.flow_run_id).values() for s in names]
-    assert set(flat) == {"Cached"}
+    first_states = task_states(first.state_details.flow_run_id, expect=expected)
+    states = task_states(state.state_details.flow_run_id, expect=expected)
+    assert set(states) == set(first_states) == expected
+    assert {s for names in states.values() for s in names} == {"Cached"}, states

@@ -86,4 +86,6 @@ def test_run_with_a_bad_recipe_is_one_line_and_exit_1(tmp_path):
     bad.write_text("name: x\nbase: /b\nfinetunes: [/f]\nmethod: {name: ties, density: 7}\n")
     result = runner.invoke(app, ["run", str(bad)])
     assert result.exit_code == 1
-    assert "method.density" in result.output
+    message = result.output.strip()
+    assert message.startswith("error: ") and "method.density" in message
+    assert "\n" not in message, message

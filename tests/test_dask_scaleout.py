@@ -70,19 +70,31 @@ def local_merge(zoo, tmp_path_factory, prefect_server):
     return files
 
 
-def _subflow_task_states(parent_state) -> dict[str, list[str]]:
-    """{task name: [states]} of the Dask subflow that the entry flow started, from the Prefect API."""
+def _subflow_task_runs(parent_state, expect=()) -> list:
+    """Every task run of the Dask subflow that the entry flow started, from the Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
-    from tests.flowtools import task_states
+    from tests.flowtools import task_runs
 
     parent = parent_state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
     assert len(children) == 1, children
-    return task_states(children[0].id)
+    return task_runs(children[0].id, expect=expect)
+
+
+def _subflow_task_states(parent_state, expect=()) -> dict[str, list[str]]:
+    """{task name: [final states]} of the Dask subflow."""
+    states: dict[str, list[str]] = {}
+    for run in _subflow_task_runs(parent_state, expect):
+        states.setdefault(run.name, []).append(run.state.name)
+    return states
+
+
+def _shard_names(local_merge) -> set[str]:
+    return {f"merge shard {i}" for i in range(sum(n.endswith(".safetensors") for n in local_merge))}
 
 
 def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpoint, bucket, api, local_merge, tmp_path):
@@ -108,9 +120,9 @@ def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpo
     assert str(os.getpid()) not in {w.rsplit("/", 1)[1] for w in workers}, "shards ran in the flow's process"
 
     # every stage ran as a Prefect task run on the cluster, all completed
-    states = _subflow_task_states(state)
+    states = _subflow_task_states(state, expect=_shard_names(local_merge) | {"finalize merge", "publish"})
     shard_runs = [name for name in states if name.startswith("merge shard")]
-    assert len(shard_runs) == len(shards)
+    assert set(shard_runs) == _shard_names(local_merge) and len(shard_runs) == len(shards)
     for name in [*shard_runs, "finalize merge", "plan shards", "solve", "publish", *(f"extract {s}" for s in SKILLS)]:
         assert states[name] == ["Completed"], (name, states)
     assert len([n for n in states if n.startswith("evaluate merged")]) == len(SKILLS)
@@ -166,5 +178,13 @@ def test_worker_killed_mid_shard_is_retried_elsewhere(zoo, s3_endpoint, bucket, 
     report = json.loads(Path(result["merged_path"] + ".report.json").read_text())
     workers = {s["worker"].rsplit("/", 1)[1] for s in report["shards"]}
     assert str(killed["pid"]) not in workers, "every shard's final result came from a live worker"
-    states = _subflow_task_states(state)
-    assert all(states[n][-1] == "Completed" for n in states if n.startswith("merge shard")), states
+    # one task run per shard, each Completed; the killed shard's run has run twice (two Running states)
+    shards = _shard_names(local_merge)
+    runs = [r for r in _subflow_task_runs(state, expect=shards | {"finalize merge"}) if r.name.startswith("merge shard")]
+    assert sorted(r.name for r in runs) == sorted(shards), [r.name for r in runs]
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state.name) for r in runs]
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        running = {r.name: sum(s.type.value == "RUNNING" for s in client.read_task_run_states(r.id)) for r in runs}
+    assert sorted(running.values()) == [1] * (len(runs) - 1) + [2], running

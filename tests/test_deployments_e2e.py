@@ -2,18 +2,21 @@
 
 Every command here is one of docs/operations.md: start the server, create the pool, deploy,
 start a worker, run the watch deployment; the trigger then starts the merge. Finally a
-headless Chromium opens the merge run in the Prefect UI and saves a screenshot for the README.
+headless Chromium opens the merge run in the Prefect UI (and, with METAMERGE_UPDATE_SCREENSHOT=1,
+saves the README's screenshot). `deployments/serve.py`, the one-process setup, gets the same check.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from metamerge.storage import latest_manifest, s3_client
@@ -76,7 +79,8 @@ def test_watch_event_triggers_a_merge_and_the_ui_shows_it(zoo, s3_endpoint, buck
         watch = api.read_deployment_by_name("watch-finetunes/watch")
         crons = [s.schedule for s in nightly.schedules]
         assert any(getattr(c, "cron", None) == "0 2 * * *" and c.timezone == "Europe/Berlin" for c in crons), crons
-        assert any(getattr(s.schedule, "interval", None) for s in watch.schedules)
+        intervals = [getattr(s.schedule, "interval", None) for s in watch.schedules]
+        assert intervals == [timedelta(seconds=900)], intervals  # every 15 minutes, as documented
 
         _cli(env, "deployment", "run", "watch-finetunes/watch")
 
@@ -115,7 +119,14 @@ def test_watch_event_triggers_a_merge_and_the_ui_shows_it(zoo, s3_endpoint, buck
 
         done = _wait(second_watch_done, 180, "the second watch run", step=2)
         assert all(r.state.is_completed() for r in done)
-        time.sleep(5)
+        # the event log, not a sleep: once the second watch run's process has exited (its events are
+        # drained on exit) and the server has recorded its end, the log holds every event it emitted
+        second = max(done, key=lambda r: r.start_time)
+        _wait(lambda: _events(prefect_server["api"], ["prefect.flow-run.Completed"], [f"prefect.flow-run.{second.id}"]),
+              60, "the second watch run's Completed event")
+        _wait(lambda: _worker_finished(tmp_path / "worker.log", 3), 60, "the worker to see three runs exit")
+        assert len(_events(prefect_server["api"], ["model.finetune.discovered"])) == 1
+        assert len(_events(prefect_server["api"], ["prefect.automation.action.executed"])) == 1  # one run started
         assert len(merge_runs()) == 1
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -127,13 +138,39 @@ def test_watch_event_triggers_a_merge_and_the_ui_shows_it(zoo, s3_endpoint, buck
         messages = _wait(watch_logs, 30, "the watch runs' logs in the API")
         assert f"ignoring s3://{bucket}/registry/alien" in messages
 
-    _screenshot(prefect_server["url"], run.id, tmp_path)
+    _ui_check(prefect_server["url"], run.id, tmp_path)
 
 
-def _screenshot(ui: str, flow_run_id, tmp_path: Path) -> None:
+def _events(api: str, names: list[str], resource_ids: list[str] | None = None) -> list[dict]:
+    """Events of these names (last day) from the server's event log, through its REST API."""
+    import urllib.request
+
+    body: dict = {"filter": {"event": {"name": names}}, "limit": 200}
+    if resource_ids:
+        body["filter"]["resource"] = {"id": resource_ids}
+    request = urllib.request.Request(f"{api}/events/filter", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["events"]
+
+
+def _worker_finished(log: Path, runs: int) -> bool:
+    """The process worker logs one line per flow-run process that has exited."""
+    return log.read_text().count("exited") >= runs
+
+
+def _ui_check(ui: str, flow_run_id, tmp_path: Path) -> None:
+    """Headless Chromium renders the run and the artifacts pages (asserted); the screenshot is a by-product.
+
+    No Chromium here (`make browser` installs it): a warning, not a skip, since the pipeline checks
+    above passed. The screenshot goes to tmp_path, or to docs/img with METAMERGE_UPDATE_SCREENSHOT=1.
+    """
+    import warnings
+
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("chromium is not installed (make test installs Debian's chromium)")
+        warnings.warn("chromium is not installed: the Prefect UI was not checked (make browser)", stacklevel=2)
+        return
     url = f"{ui}/runs/flow-run/{flow_run_id}"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -145,8 +182,84 @@ def _screenshot(ui: str, flow_run_id, tmp_path: Path) -> None:
                                     text=True, timeout=120).stdout
     for key in ("merge-coefficients", "task-vector-cosine", "merge-scores", "merge-report"):
         assert key in artifacts_page, key
-    out_dir = REPO / "docs" / "img"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shot = out_dir / "merge-flow-run.png"
-    subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
-    assert shot.stat().st_size > 10_000
+    update = os.environ.get("METAMERGE_UPDATE_SCREENSHOT") == "1"
+    shot = (REPO / "docs" / "img" if update else tmp_path) / "merge-flow-run.png"
+    taken = subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    if taken.returncode != 0 or not shot.exists() or shot.stat().st_size < 10_000:
+        warnings.warn(f"no usable screenshot of {url}: {taken.stderr[-500:]!r}", stacklevel=2)
+
+
+def test_serve_py_runs_the_schedule_watch_and_trigger_in_one_process(tmp_path, prefect_server):
+    """README: `deployments/serve.py` does the same as prefect.yaml + a worker, in one process.
+
+    Small random checkpoints (no evaluation) keep this to about a minute: the served watch run
+    finds a new fine-tune in a local registry, its event triggers the served merge deployment,
+    and that run publishes the merge of the recipe's fine-tune and the new one.
+    """
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from safetensors.torch import load_file
+
+    from tests.helpers import random_family
+
+    base_dir, ft_dirs, base, fts = random_family(tmp_path / "models", n_finetunes=2)
+    registry = tmp_path / "registry"
+    shutil.copytree(ft_dirs[1], registry / "new-ft")
+    (registry / "new-ft" / "finetune.json").write_text(json.dumps({"base": str(base_dir), "tasks": []}))
+    recipe = {"name": "served", "base": str(base_dir), "finetunes": [{"ref": str(ft_dirs[0]), "name": "ft0"}],
+              "method": {"name": "average"}, "merge": {"device": "cpu"}, "workdir": str(tmp_path / "work"),
+              "publish": {"target": str(tmp_path / "published")}}
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    env = {**prefect_server["env"], "METAMERGE_RECIPE": str(recipe_path), "METAMERGE_REGISTRY": str(registry),
+           "METAMERGE_TIMEZONE": "Asia/Tokyo", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    served = subprocess.Popen([sys.executable, "deployments/serve.py"], cwd=REPO, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    prefect_server["processes"].append(served)
+
+    with temporary_settings({PREFECT_API_URL: prefect_server["api"]}), get_client(sync_client=True) as api:
+        def registered():
+            assert served.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                return (api.read_deployment_by_name("metagpt-merge/nightly"),
+                        api.read_deployment_by_name("watch-finetunes/watch"))
+            except ObjectNotFound:
+                return None
+
+        nightly, watch = _wait(registered, 120, "serve.py to register its deployments")
+        assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 2 * * *", "Asia/Tokyo")]
+        assert [s.schedule.interval for s in watch.schedules] == [timedelta(seconds=900)]
+        assert nightly.parameters == {"recipe": str(recipe_path)}
+        assert watch.parameters == {"recipe": str(recipe_path), "registry": str(registry)}
+
+        api.create_flow_run_from_deployment(watch.id)
+
+        def triggered():
+            runs = api.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id])))
+            return [r for r in runs if r.parameters.get("finetune_refs")]
+
+        runs = _wait(triggered, 180, "a merge run started by the served trigger", step=1)
+        assert len(runs) == 1 and runs[0].parameters["finetune_refs"] == [str((registry / "new-ft").resolve())]
+
+        def finished():
+            state = api.read_flow_run(runs[0].id).state
+            return state if state.is_final() else None
+
+        state = _wait(finished, 180, "the triggered merge run to finish", step=1)
+        assert state.is_completed(), (state.message, (tmp_path / "serve.log").read_text()[-4000:])
+
+    manifest = latest_manifest(str(tmp_path / "published"), "served")
+    assert manifest["inputs"]["finetunes"] == [str(ft_dirs[0]), str((registry / "new-ft").resolve())]
+    run_dir = tmp_path / "published" / "served" / manifest["run_id"]
+    merged = {}
+    for f in run_dir.glob("*.safetensors"):
+        merged.update(load_file(str(f)))
+    for name, value in base.items():
+        if value.is_floating_point():  # the average of the recipe's fine-tune and the discovered one
+            want = value + 0.5 * ((fts[0][name] - value) + (fts[1][name] - value))
+            torch.testing.assert_close(merged[name], want, rtol=1e-5, atol=1e-5)

@@ -124,6 +124,7 @@ def test_bad_input_fails_with_one_clear_line(zoo, s3_endpoint, bucket, prefect_a
 
     state = merge_flow(_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", **patch), return_state=True)
     assert state.is_failed()
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(Exception, match=message) as info:
         state.result()
+    assert "\n" not in str(info.value), str(info.value)
     assert _objects(s3_endpoint, bucket)[1] == {}

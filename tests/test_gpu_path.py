@@ -17,9 +17,8 @@ PLANS = {
 }
 
 
-def test_auto_device_is_cpu_without_cuda():
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type == "cpu"
+def test_auto_device_is_cuda_when_there_is_one_else_cpu():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -41,5 +40,7 @@ def test_cuda_equals_cpu(tmp_path, method):
         outs[device] = {}
         for f in (tmp_path / device).glob("*.safetensors"):
             outs[device].update(load_file(str(f)))
+    assert outs["cpu"] and set(outs["cuda"]) == set(outs["cpu"]) == set(base)
     for k in outs["cpu"]:
+        assert outs["cuda"][k].dtype == outs["cpu"][k].dtype, k
         torch.testing.assert_close(outs["cuda"][k].float(), outs["cpu"][k].float(), rtol=1e-2, atol=1e-2)

@@ -7,7 +7,6 @@ is cached under .cache/llm-zoo, so later runs only pay for the lm-eval checks (~
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -88,13 +87,22 @@ def test_each_finetune_learned_its_skill_and_the_base_did_not(llm_zoo):
         assert base[task] <= contract["base_ceiling"] + one, (task, base[task])
 
 
-def test_cache_is_reused(llm_zoo):
-    from metamerge.llm_zoo import build_llm_zoo
+def test_cache_is_reused(llm_zoo, monkeypatch):
+    from metamerge import llm_zoo as module
 
+    calls: list[str] = []
+
+    def refuse(name):
+        def called(*args, **kwargs):  # a cached zoo must neither convert the GGUF nor train
+            calls.append(name)
+            raise AssertionError(f"{name} called although the zoo is cached")
+        return called
+
+    for name in ("pretrained_smollm2", "_finetune"):
+        monkeypatch.setattr(module, name, refuse(name))
     before = (llm_zoo.root / "zoo.json").stat().st_mtime_ns
-    started = time.monotonic()
-    again = build_llm_zoo(REPO / ".cache" / "llm-zoo")
-    assert time.monotonic() - started < 5
+    again = module.build_llm_zoo(REPO / ".cache" / "llm-zoo")
+    assert calls == []
     assert again == llm_zoo
     assert (again.root / "zoo.json").stat().st_mtime_ns == before
     info = json.loads((again.root / "zoo.json").read_text())

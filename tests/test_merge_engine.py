@@ -35,7 +35,8 @@ def _metagpt_reference(base, fts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_metagpt_merge_files_equal_dense_reference(tmp_path, dtype):
-    base_dir, ft_dirs, base, fts = random_family(tmp_path, dtype=dtype)
+    # a shared direction makes the task vectors' cosines 0.3-0.6, different for every pair
+    base_dir, ft_dirs, base, fts = random_family(tmp_path, dtype=dtype, shared=0.5)
     stats = [extract_stats(base_dir, d, label) for d, label in zip(ft_dirs, LABELS, strict=True)]
     coefficients = solve_metagpt(LABELS, {s.label: s.sq_norms for s in stats}, "model")
     out = tmp_path / "merged"
@@ -52,12 +53,15 @@ def test_metagpt_merge_files_equal_dense_reference(tmp_path, dtype):
     assert torch.equal(got["model.position_ids"], base["model.position_ids"])
     assert (out / "config.json").exists()
     assert report.copied_tensors == 1 and report.merged_tensors == len(base) - 1
-    # the gram diagonal is ‖τ_t‖², computed independently here
-    for i, ft in enumerate(fts):
-        n = sum(float(torch.sum((ft[k].double() - base[k].double()) ** 2)) for k in base if base[k].is_floating_point())
-        assert report.gram[i][i] == pytest.approx(n, rel=1e-4)
-    cos = report.cosine()
-    assert all(abs(cos[i][i] - 1) < 1e-9 for i in range(3))
+    # the whole gram ⟨τ_i, τ_j⟩ and every cosine τ_i·τ_j / (‖τ_i‖ ‖τ_j‖), computed independently here
+    floats = [k for k in base if base[k].is_floating_point()]
+    taus = [np.concatenate([(ft[k].double() - base[k].double()).numpy().ravel() for k in floats]) for ft in fts]
+    gram = np.array([[float(a @ b) for b in taus] for a in taus])
+    want_cos = gram / np.sqrt(np.outer(np.diag(gram), np.diag(gram)))
+    np.testing.assert_allclose(np.array(report.gram), gram, rtol=1e-4)
+    np.testing.assert_allclose(np.array(report.cosine()), want_cos, atol=1e-4)
+    off_diagonal = want_cos[~np.eye(3, dtype=bool)]
+    assert off_diagonal.min() > 0.2 and np.ptp(off_diagonal) > 0.1  # the check can tell the pairs apart
 
 
 def test_task_arithmetic_and_output_dtype(tmp_path):
@@ -128,14 +132,32 @@ def test_extra_vocab_rows_are_dropped_with_vocab_base(tmp_path):
     torch.testing.assert_close(got.read("lm_head.weight"), want)
 
 
+def _folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
 def test_an_existing_output_is_replaced_atomically(tmp_path):
-    base_dir, ft_dirs, *_ = random_family(tmp_path, n_finetunes=2)
+    base_dir, ft_dirs, base, fts = random_family(tmp_path, n_finetunes=2)
     out = tmp_path / "merged"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("ft1", ft_dirs[1])], solve_constant(["ft0", "ft1"], 0.5, "average"),
+    average = solve_constant(["ft0", "ft1"], 0.5, "average")
+    merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("ft1", ft_dirs[1])], average,
                       MergePlan(weighting="uniform"), out, device="cpu")
     assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").exists()
+    good = _folder_bytes(out)
+
+    # a merge that fails half-way (NaN in a late tensor) over that output leaves it as it was
+    bad = dict(fts[1])
+    nan = bad["lm_head.weight"].clone()
+    nan[5, 5] = float("nan")
+    bad["lm_head.weight"] = nan
+    write_checkpoint(tmp_path / "bad", bad)
+    with pytest.raises(CheckpointError, match="'lm_head.weight' contains NaN or Inf"):
+        merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("ft1", tmp_path / "bad")], average,
+                          MergePlan(weighting="uniform"), out, device="cpu")
+    assert _folder_bytes(out) == good
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []
 
 
 def test_smaller_vocab_in_a_finetune_is_a_clear_error(tmp_path):

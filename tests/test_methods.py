@@ -10,13 +10,13 @@ from metamerge.coefficients import solve_metagpt
 from metamerge.merge import merge_checkpoints
 from metamerge.methods import MergePlan, combine, dare_generator, plan_for, random_mask
 from metamerge.recipe import parse_recipe
-from tests.helpers import random_family
+from tests.helpers import random_family, write_checkpoint
 
 LABELS = ["ft0", "ft1", "ft2"]
 
 
-def _run(tmp_path, method: dict, dtype=torch.float32):
-    base_dir, ft_dirs, base, fts = random_family(tmp_path, dtype=dtype)
+def _run(tmp_path, method: dict, dtype=torch.float32, family=random_family):
+    base_dir, ft_dirs, base, fts = family(tmp_path, dtype=dtype)
     recipe = parse_recipe({"name": "t", "base": str(base_dir), "method": method, "workdir": str(tmp_path / "w"),
                            "finetunes": [{"ref": str(d), "name": n} for d, n in zip(ft_dirs, LABELS, strict=True)],
                            "merge": {"device": "cpu"}})
@@ -114,6 +114,66 @@ def test_granularity_variants_differ_from_model_where_norms_differ(tmp_path, gra
     assert not torch.allclose(merged[name], merged_model[name])
 
 
+# --- DARE's masks, read back from the merged file alone (nothing here calls the code's own RNG) -------
+# The probe tensor is 0 in the base and the constant c_t in fine-tune t, with c = 1, 2, 4: every
+# output element then tells exactly which fine-tunes kept it (a 3-bit code), so the masks, their
+# density, their independence and the 1/density rescale are all checked from the output.
+PROBE = "model.layers.0.mlp.probe.weight"
+PROBE_SHAPE = (125, 96)  # 12 000 elements: kept/total has a standard deviation of 0.004 at density 0.2
+CODES = (1.0, 2.0, 4.0)
+
+
+def _probe_family(root, dtype=torch.float32):
+    base = {PROBE: torch.zeros(PROBE_SHAPE, dtype=dtype), "model.norm.weight": torch.ones(12, dtype=dtype)}
+    base_dir = write_checkpoint(root / "base", base)
+    fts, dirs = [], []
+    for label, code in zip(LABELS, CODES, strict=True):
+        ft = {PROBE: torch.full(PROBE_SHAPE, code, dtype=dtype), "model.norm.weight": base["model.norm.weight"] + code}
+        fts.append(ft)
+        dirs.append(write_checkpoint(root / label, ft))
+    return base_dir, dirs, base, fts
+
+
+def _decode_linear(merged: torch.Tensor, weight: float, density: float) -> np.ndarray:
+    """Linear DARE: out = Σ_t w·m_t·c_t/density; returns the masks [T, ...] as bools."""
+    scaled = merged.double().numpy() * density / weight
+    code = np.rint(scaled)
+    np.testing.assert_allclose(scaled, code, atol=1e-4, err_msg="survivors are not rescaled by exactly 1/density")
+    assert code.min() >= 0 and code.max() <= 7
+    return np.stack([(code.astype(int) >> t) & 1 for t in range(3)]).astype(bool)
+
+
+def _decode_ties(merged: torch.Tensor, scale: float, density: float) -> np.ndarray:
+    """DARE + TIES (all c_t > 0, so + is elected): out = scale·Σ_{t kept} c_t/density / #kept."""
+    values = {}
+    for subset in range(8):
+        kept = [t for t in range(3) if subset >> t & 1]
+        values[subset] = scale * sum(CODES[t] for t in kept) / density / len(kept) if kept else 0.0
+    assert len({round(v, 6) for v in values.values()}) == 8  # every subset gives its own value
+    out = merged.double().numpy()
+    distance = np.stack([np.abs(out - v) for v in values.values()])
+    nearest = distance.argmin(axis=0)
+    assert distance.min(axis=0).max() < 1e-4, "an output value is no disjoint mean of rescaled survivors"
+    return np.stack([(nearest >> t) & 1 for t in range(3)]).astype(bool)
+
+
+def _check_masks(masks: np.ndarray, density: float) -> None:
+    """Each fine-tune keeps ≈ density of the entries, on its own independent mask."""
+    for t in range(3):
+        assert abs(masks[t].mean() - density) < 0.02, (LABELS[t], masks[t].mean())
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not np.array_equal(masks[a], masks[b]), "two fine-tunes got the same mask"
+            both = (masks[a] & masks[b]).mean()
+            assert abs(both - density ** 2) < 0.01, (LABELS[a], LABELS[b], both)  # independent draws
+
+
+def test_dare_masks_keep_density_independently_and_rescale(tmp_path):
+    _, _, merged, _ = _run(tmp_path, {"name": "dare", "seed": 7, "density": 0.2, "lambda": 0.5}, family=_probe_family)
+    masks = _decode_linear(merged[PROBE], 0.5, 0.2)
+    _check_masks(masks, 0.2)
+
+
 def test_dare_is_reproducible_for_a_seed_and_changes_with_it(tmp_path):
     _, _, a, _ = _run(tmp_path / "a", {"name": "dare", "seed": 1, "density": 0.5})
     _, _, b, _ = _run(tmp_path / "b", {"name": "dare", "seed": 1, "density": 0.5})
@@ -127,9 +187,17 @@ def test_dare_is_reproducible_for_a_seed_and_changes_with_it(tmp_path):
     for label, tau in zip(LABELS, taus, strict=True):
         mask = random_mask(torch.Size(tau.shape), 0.5, dare_generator(1, label, name), torch.device("cpu")).numpy()
         want += 0.3 * np.where(mask, tau, 0.0) / 0.5
-        kept = mask.mean()
-        assert 0.3 < kept < 0.7
     _close(a[name], want, torch.float32)
+    # the same, read from the output alone: same seed, same masks; another seed, other masks
+    seeds = {}
+    for seed, folder in [(1, "pa"), (1, "pb"), (2, "pc")]:
+        _, _, probe, _ = _run(tmp_path / folder, {"name": "dare", "seed": seed, "density": 0.2, "lambda": 0.5},
+                              family=_probe_family)
+        seeds.setdefault(seed, []).append(_decode_linear(probe[PROBE], 0.5, 0.2))
+    assert np.array_equal(seeds[1][0], seeds[1][1])
+    _check_masks(seeds[2][0], 0.2)
+    for t in range(3):
+        assert not np.array_equal(seeds[1][0][t], seeds[2][0][t]), LABELS[t]
 
 
 def test_dare_with_ties_combine_and_metagpt_dare(tmp_path):
@@ -141,6 +209,10 @@ def test_dare_with_ties_combine_and_metagpt_dare(tmp_path):
         mask = random_mask(torch.Size(tau.shape), 0.6, dare_generator(3, label, name), torch.device("cpu")).numpy()
         dropped.append(np.where(mask, tau, 0.0) / 0.6)
     _close(merged[name], b + _ties_reference(dropped, [1, 1, 1], 1.0, normalize=True), torch.float32)
+    # and from the output alone: density, independence, rescale and the disjoint mean
+    _, _, probe, _ = _run(tmp_path / "p", {"name": "dare", "seed": 3, "density": 0.2, "combine": "ties", "lambda": 0.8},
+                          family=_probe_family)
+    _check_masks(_decode_ties(probe[PROBE], 0.8, 0.2), 0.2)
 
     base, fts, merged, coefficients = _run(tmp_path / "m", {"name": "metagpt+dare", "seed": 3, "density": 0.6})
     lam = list(coefficients.model_level().values())
@@ -164,11 +236,19 @@ def test_engine_equals_kernel_on_odd_shapes_with_sharding(tmp_path):
              for n, ft in zip(LABELS, fts, strict=True)}
     coefficients = solve_metagpt(LABELS, norms, "tensor")
     out = tmp_path / "o"
+    # the family is ~11 KB of float32: 2 KB shards split it over several files
     merge_checkpoints(base_dir, list(zip(LABELS, ft_dirs, strict=True)), coefficients, MergePlan(granularity="tensor"),
-                      out, device="cpu", shard_size_mb=1)
+                      out, device="cpu", shard_size_mb=2048 / (1024 * 1024))
     got = {}
-    for f in out.glob("*.safetensors"):
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) >= 3, files
+    for f in files:
         got.update(load_file(str(f)))
+    assert set(got) == set(base)
+    from metamerge.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(out)  # through model.safetensors.index.json, as transformers reads it
+    assert all(torch.equal(reader.read(k), got[k]) for k in base)
     for k in FLOATS(base):
         b, taus = _taus(base, fts, k)
         lam = np.array(coefficients.weights_for(k))
@@ -200,6 +280,19 @@ def test_row_chunking_gives_the_same_merge_where_it_applies(tmp_path, monkeypatc
     else:
         for k in whole:
             torch.testing.assert_close(chunked_result[k], whole[k], rtol=1e-6, atol=1e-6)
+
+
+def test_dare_masks_are_drawn_per_row_chunk(tmp_path, monkeypatch):
+    """Chunked streaming draws each chunk's mask from its own stream: no chunk repeats another's."""
+    from metamerge import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 5 * PROBE_SHAPE[1])  # 25 chunks of 5 rows
+    _, _, merged, _ = _run(tmp_path, {"name": "dare", "seed": 4, "density": 0.2, "lambda": 0.5}, family=_probe_family)
+    masks = _decode_linear(merged[PROBE], 0.5, 0.2)
+    _check_masks(masks, 0.2)
+    for t in range(3):
+        chunks = {masks[t][r : r + 5].tobytes() for r in range(0, PROBE_SHAPE[0], 5)}
+        assert len(chunks) == PROBE_SHAPE[0] // 5, (LABELS[t], len(chunks))
 
 
 def test_kth_largest_is_exact_on_large_tensors_with_ties():

@@ -67,3 +67,38 @@ def test_hf_ref_offline_from_local_cache(tmp_path, monkeypatch):
         refs.resolve_ref("hf://acme/missing-model", tmp_path / "w")
     with pytest.raises(RefError, match="expected hf://org/name"):
         refs.resolve_ref("hf://just-a-name", tmp_path / "w")
+
+
+def test_s3_ref_to_a_published_run_is_fingerprinted_by_its_manifest(tmp_path, s3_endpoint, bucket, monkeypatch):
+    """README: an s3:// ref's fingerprint comes from its `manifest.json` when it has one (a published run)."""
+    from metamerge.errors import TransientError
+    from metamerge.storage import publish_run
+
+    _, ft_dirs, *_ = random_family(tmp_path / "models", n_finetunes=1)
+    files = {f.name: f for f in ft_dirs[0].iterdir()}
+    published = publish_run(files, f"s3://{bucket}/merges", "m", "r1", endpoint_url=s3_endpoint)
+    downloads = []
+    real = refs._download
+    monkeypatch.setattr(refs, "_download", lambda *a: downloads.append(a[3]) or real(*a))
+    first = refs.resolve_ref(published.run_uri, tmp_path / "cache", s3_endpoint)
+    # exactly the files the manifest lists, byte for byte (not the manifest, the claim or latest.json)
+    assert {p.name for p in first.path.iterdir() if not p.name.startswith(".")} == set(files)
+    assert all((first.path / name).read_bytes() == path.read_bytes() for name, path in files.items())
+
+    # an object the manifest does not list changes neither the print nor what is downloaded
+    prefix = published.run_uri.removeprefix(f"s3://{bucket}/")
+    s3_client(s3_endpoint).put_object(Bucket=bucket, Key=f"{prefix}/notes.txt", Body=b"added after publishing")
+    again = refs.resolve_ref(published.run_uri, tmp_path / "cache", s3_endpoint)
+    assert again.fingerprint == first.fingerprint and len(downloads) == 1
+    # the same files published under another run id are the same model: same print, no second download
+    copy = publish_run(files, f"s3://{bucket}/merges", "m", "r2", endpoint_url=s3_endpoint)
+    assert refs.resolve_ref(copy.run_uri, tmp_path / "cache", s3_endpoint).fingerprint == first.fingerprint
+    assert len(downloads) == 1
+
+    # the manifest's digests are checked: an object changed after publishing (same size) is refused
+    shard = sorted(name for name in files if name.endswith(".safetensors"))[0]
+    body = files[shard].read_bytes()
+    s3_client(s3_endpoint).put_object(Bucket=bucket, Key=f"{prefix}/{shard}", Body=body[:-1] + bytes([body[-1] ^ 1]))
+    with pytest.raises(TransientError, match=f"{shard}: sha256 does not match its manifest"):
+        refs.resolve_ref(published.run_uri, tmp_path / "fresh-cache", s3_endpoint)
+    assert not list((tmp_path / "fresh-cache" / "remote").glob("s3-*"))

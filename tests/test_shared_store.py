@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from metamerge.errors import InputError, TransientError
@@ -69,7 +71,7 @@ def test_sharded_stages_need_only_s3_between_machines(tmp_path, s3_endpoint, buc
     from metamerge.recipe import parse_recipe
     from tests.helpers import random_family
 
-    base_dir, ft_dirs, _, _ = random_family(tmp_path / "in")
+    base_dir, ft_dirs, _, _ = random_family(tmp_path / "in", hidden=600)  # ~4.5 MB: several 1 MB shards
     def recipe(workdir, runner):
         return parse_recipe({"name": "r", "base": str(base_dir), "method": "average", "workdir": str(workdir),
                              "finetunes": [{"ref": str(d), "name": f"ft{i}"} for i, d in enumerate(ft_dirs)],
@@ -83,6 +85,7 @@ def test_sharded_stages_need_only_s3_between_machines(tmp_path, s3_endpoint, buc
     want = stages.merge(local, base, fts, coefficients)
 
     names = stages.plan_merge_shards(dask, base)
+    assert len(names) >= 3 and len(list(Path(want.path).glob("*.safetensors"))) == len(names), names
     shards = [stages.merge_shard(dask, base, fts, coefficients, i) for i in range(len(names))]
     shutil.rmtree(stages.shard_dir(dask, base, fts, coefficients))
     got = stages.finalize_merge(dask, base, fts, coefficients, shards)

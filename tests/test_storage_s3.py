@@ -2,11 +2,13 @@
 
 import hashlib
 import json
+from urllib.parse import urlsplit
 
 import pytest
 
 from metamerge.errors import InputError, TransientError
 from metamerge.storage import latest_manifest, publish_run, read_json, s3_client
+from tests.faultproxy import FaultProxy
 
 
 def _files(tmp_path, contents):
@@ -22,7 +24,12 @@ def test_publish_uploads_everything_then_manifest_last(tmp_path, s3_endpoint, bu
     files = _files(tmp_path, {"model.safetensors": b"x" * 1000, "config.json": b"{}", "scores.json": b"[1]"})
     client = s3_client(s3_endpoint)
 
-    result = publish_run(files, f"s3://{bucket}/merges", "m", "run1", endpoint_url=s3_endpoint)
+    with FaultProxy(s3_endpoint) as proxy:  # no faults: it only records the order of the requests
+        result = publish_run(files, f"s3://{bucket}/merges", "m", "run1", endpoint_url=proxy.endpoint)
+    puts = [urlsplit(path).path.removeprefix(f"/{bucket}/merges/m/") for method, path in proxy.log if method == "PUT"]
+    # every file (after the run's claim), then the manifest, then latest.json pointing at it
+    assert puts[0] == "run1/.publish-claim" and sorted(puts[1:4]) == sorted(f"run1/{n}" for n in files)
+    assert puts[4:] == ["run1/manifest.json", "latest.json"], puts
     assert result.uploaded == 3 and result.skipped == 0
     listed = client.list_objects_v2(Bucket=bucket, Prefix="merges/m/run1/")["Contents"]
     keys = {o["Key"] for o in listed}
@@ -32,9 +39,6 @@ def test_publish_uploads_everything_then_manifest_last(tmp_path, s3_endpoint, bu
         body = client.get_object(Bucket=bucket, Key=f"merges/m/run1/{name}")["Body"].read()
         assert manifest["files"][name] == {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size": len(body)}
         assert hashlib.sha256(body).hexdigest() == manifest["files"][name]["sha256"]
-    # manifest written after every file: its LastModified is not older than any file's
-    times = {o["Key"].rsplit("/", 1)[1]: o["LastModified"] for o in listed}
-    assert all(times["manifest.json"] >= t for t in times.values())
     assert latest_manifest(f"s3://{bucket}/merges", "m", s3_endpoint)["run_id"] == "run1"
 
 
@@ -59,8 +63,10 @@ def test_unreachable_endpoint_is_a_transient_error_naming_it(tmp_path):
 
 def test_missing_bucket_is_not_retried(tmp_path, s3_endpoint):
     files = _files(tmp_path, {"a.bin": b"a"})
-    with pytest.raises(InputError, match="NoSuchBucket"):
-        publish_run(files, "s3://no-such-bucket/p", "m", "r", endpoint_url=s3_endpoint)
+    with FaultProxy(s3_endpoint) as proxy, pytest.raises(InputError, match="NoSuchBucket") as info:
+        publish_run(files, "s3://no-such-bucket/p", "m", "r", endpoint_url=proxy.endpoint)
+    assert proxy.log == [("HEAD", "/no-such-bucket")]  # one request: neither botocore nor we asked again
+    assert "\n" not in str(info.value)
 
 
 def test_local_target_has_the_same_layout(tmp_path):
