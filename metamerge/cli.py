@@ -31,9 +31,12 @@ PREFECT_DEFAULTS = {
 
 def prepare_environment(project_dir: Path) -> None:
     """Embedded default: Prefect's local ephemeral API with its SQLite under the project."""
+    from metamerge import lifeline
+
     os.environ.setdefault("PREFECT_HOME", str(project_dir / ".prefect"))
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    lifeline.install()  # the ephemeral server (and any other child) never outlives this command, even on SIGKILL
 
 
 def _fail(exc: Exception) -> None:
@@ -53,37 +56,48 @@ def run_flow(recipe: str | dict, run_id: str | None = None) -> dict:
 def run(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
         run_id: str = typer.Option(None, help="publish under this run id (default: time + fingerprint)")) -> None:
     """Run the merge pipeline for a recipe on Prefect (local API unless PREFECT_API_URL is set)."""
+    from metamerge.preflight import preflight
     from metamerge.recipe import load_recipe
 
     prepare_environment(Path.cwd())
     try:
-        load_recipe(recipe)  # fail in the first second on a bad recipe
+        # fail in the first seconds on a bad recipe, an unreachable target, refused credentials, a full disk
+        preflight(load_recipe(recipe))
         summary = run_flow(str(recipe), run_id)
-    except MetamergeError as exc:
-        _fail(exc)
+    except (MetamergeError, OSError) as exc:
+        _fail(_one_line(exc))
     _print_summary(summary)
 
 
 @app.command()
 def merge(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
-          out: Path = typer.Option(..., help="output folder for the merged checkpoint")) -> None:
+          out: Path = typer.Option(..., help="output folder for the merged checkpoint (new or empty)"),
+          replace: bool = typer.Option(False, "--replace",
+                                       help="replace an earlier merge output that metamerge itself wrote at --out")) -> None:
     """Merge only (no evaluation, no publishing, no Prefect): the fastest path for one local merge."""
     from tqdm import tqdm
 
-    from metamerge import stages
+    from metamerge import outputs, preflight, stages
     from metamerge.merge import merge_checkpoints
     from metamerge.methods import plan_for
     from metamerge.recipe import load_recipe
 
+    existing = "replace" if replace else "refuse"
     try:
         rec = load_recipe(recipe)
+        out = out.absolute()
+        preflight.preflight(rec, out=out, existing=existing)
+        outputs.remove_stale_temporaries(out)  # what killed runs left next to --out
         plan = plan_for(rec.method)
         workdir = Path(rec.workdir)
         base = stages.resolve(rec.base, workdir)
+        if "://" in rec.base and not rec.base.startswith("file://"):  # remote: its size is known only now
+            preflight.check_disk(preflight.merge_disk_needs(rec, base.path, out))
         finetunes = [stages.resolve(ft.ref, workdir) for ft in rec.finetunes]
         labels = [ft.label for ft in rec.finetunes]
         stats = [stages.extract(base, f, label, plan, rec.merge.vocab, workdir)
-                 for f, label in zip(finetunes, labels, strict=True)] if plan.needs_norms else []
+                 for f, label in zip(finetunes, labels, strict=True)]
+        norms = stages.check_task_vectors(rec, stages.load_stats(stats))
         coefficients = stages.solve(labels, stats, plan, rec.method.name)
         with tqdm(total=1, unit="B", unit_scale=True, desc="merge", disable=None) as bar:
             def progress(done: int, total: int, _name: str) -> None:
@@ -92,15 +106,36 @@ def merge(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
 
             report = merge_checkpoints(base.path, [(label, f.path) for label, f in zip(labels, finetunes, strict=True)],
                                        coefficients, plan, out, dtype=rec.merge.dtype, device=rec.merge.device,
-                                       shard_size_mb=rec.merge.shard_size_mb, vocab=rec.merge.vocab, progress=progress)
-    except MetamergeError as exc:
-        _fail(exc)
+                                       shard_size_mb=rec.merge.shard_size_mb, vocab=rec.merge.vocab, progress=progress,
+                                       existing=existing)
+    except (MetamergeError, OSError) as exc:
+        _fail(_one_line(exc))
     typer.echo(f"λ per fine-tune: {json.dumps({k: round(v, 4) for k, v in coefficients.model_level().items()})}")
+    typer.echo(f"‖τ‖/‖θ₀‖ per fine-tune: {json.dumps({k: round(v, 4) for k, v in norms.items()})}")
+    for line in stages.vocab_summary(report.dropped_rows):
+        typer.echo(line)
     typer.echo(f"merged {report.tensors} tensors in {report.seconds:.2f}s on {report.device} -> {out}")
+
+
+def _one_line(exc: Exception) -> Exception:
+    """A full disk, a read-only file system or a refused permission is one line, not a traceback."""
+    from metamerge.errors import is_deterministic_os_error, write_error
+
+    if isinstance(exc, MetamergeError):
+        return exc
+    if is_deterministic_os_error(exc):
+        return write_error(exc)
+    raise exc
 
 
 def _print_summary(summary: dict) -> None:
     typer.echo(f"\nλ per fine-tune: {json.dumps({k: round(v, 4) for k, v in summary['coefficients'].items()})}")
+    if summary.get("relative_norms"):
+        typer.echo(f"‖τ‖/‖θ₀‖ per fine-tune: {json.dumps({k: round(v, 4) for k, v in summary['relative_norms'].items()})}")
+    from metamerge.stages import vocab_summary
+
+    for line in vocab_summary(summary.get("dropped_rows") or {}):
+        typer.echo(line)
     if summary.get("scores"):
         records = summary["scores"]
         headers = list(records[0])
@@ -254,10 +289,10 @@ def watch(recipe: Path = typer.Argument(..., help="recipe whose base and publish
 def inspect(run_uri: str = typer.Argument(..., help="s3://bucket/prefix/<model>/<run-id> or a local run folder"),
             endpoint_url: str = typer.Option(None, help="S3 endpoint (default: AWS or $AWS_ENDPOINT_URL)")) -> None:
     """Show a published run: its manifest, λ and scores."""
-    from metamerge.storage import read_json
+    from metamerge.storage import read_json, read_manifest
 
     try:
-        manifest = read_json(f"{run_uri.rstrip('/')}/manifest.json", endpoint_url)
+        manifest = read_manifest(run_uri, endpoint_url)  # `no published run at <uri>` when there is none
         typer.echo(f"run {manifest['run_id']} of {manifest['model']} ({manifest.get('method')}), "
                    f"{len(manifest['files'])} files, created {manifest['created']}")
         coefficients = read_json(f"{run_uri.rstrip('/')}/coefficients.json", endpoint_url)
