@@ -45,8 +45,7 @@ def probe_writable(folder: Path, what: str) -> None:
         probe.write_bytes(b"")
     except OSError as exc:
         raise WriteError(f"{what} {folder} is not writable: {describe_os_error(exc)}") from None
-    finally:
-        probe.unlink(missing_ok=True)
+    probe.unlink()
 
 
 def estimate_merge_bytes(base_dir: Path, dtype: str = "auto") -> int:
@@ -73,13 +72,13 @@ def check_disk(needs: list[tuple[Path, int, str]]) -> None:
     for folder, size, what in needs:
         if size <= 0:
             continue
-        where = _existing_ancestor(folder)
-        per_device.setdefault(where.stat().st_dev, []).append((where, size, what))
+        device = _existing_ancestor(folder).stat().st_dev
+        per_device.setdefault(device, []).append((Path(folder), size, what))
     for entries in per_device.values():
         need = sum(size for _, size, _ in entries)
-        free = shutil.disk_usage(entries[0][0]).free
+        free = shutil.disk_usage(_existing_ancestor(entries[0][0])).free
         if need > free:
-            whats = " and ".join(f"{what} {where}" for where, _, what in entries)
+            whats = " and ".join(f"{what} {folder}" for folder, _, what in entries)
             raise WriteError(f"not enough free disk for {whats}: about {need / 1e6:.1f} MB needed (estimated "
                              f"from the base's size), {free / 1e6:.1f} MB free")
 
@@ -109,7 +108,7 @@ def merge_disk_needs(recipe: Recipe, base_dir: Path, out: Path | None = None) ->
     """Room for one new merged model: in the workdir (or at `--out`), and once more at a local publish target."""
     size = estimate_merge_bytes(base_dir, recipe.merge.dtype)
     if out is not None:
-        return [(Path(out).parent, size, "--out")]
+        return [(Path(out), size, "--out")]
     needs = [(Path(recipe.workdir) / "merged", size, "workdir")]
     if (target := _local_publish_target(recipe)) is not None:
         needs.append((target, size, "publish target"))

@@ -491,7 +491,7 @@ def check_s3_writable(uri: str, endpoint_url: str | None, what: str) -> None:
     target = parse_target(uri)
     client = s3_client(endpoint_url, fast=True)
     try:
-        _require_bucket(client, target.bucket, f"preflight of {what} {uri}")
+        # no HEAD first: a HEAD's 403 carries no error code, this POST's answer names it (or NoSuchBucket)
         key = target.join(f"{PROBE_PREFIX}{uuid.uuid4().hex}")
         upload = client.create_multipart_upload(Bucket=target.bucket, Key=key)
         client.abort_multipart_upload(Bucket=target.bucket, Key=key, UploadId=upload["UploadId"])
