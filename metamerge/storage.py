@@ -128,6 +128,10 @@ def _s3_error(client, action: str, exc: Exception, bucket: str | None = None) ->
         return TransientError(
             f"S3 {action} at {where}: {exc.operation_name} failed with HTTP {status} {code} {detail}".rstrip()
         )
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
+        return TransientError(f"S3 {action} at {where}: cannot connect to the endpoint ({type(exc).__name__})")
     return TransientError(f"S3 {action} at {where}: {type(exc).__name__}: {exc}")
 
 

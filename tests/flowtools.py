@@ -75,5 +75,10 @@ def flow_artifacts(flow_run_id) -> dict[str, object]:
     out: dict[str, object] = {}
     for artifact in artifacts:
         data = artifact.data
-        out[artifact.key] = json.loads(data) if isinstance(data, str) and data[:1] in "[{" else data
+        if isinstance(data, str) and data[:1] in "[{":
+            try:
+                data = json.loads(data)
+            except ValueError:  # a link artifact's markdown, `[text](url)`
+                pass
+        out[artifact.key] = data
     return out
