@@ -182,6 +182,28 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _write_once(path: Path, data: dict) -> dict:
+    """Creates `path` with `data` unless it exists; returns what the file holds (the first writer's data).
+
+    A merged folder's name is its content's address, so every merge of it writes the same bytes;
+    its report (timings, device) is the first one's. A re-merge that restores a damaged folder, or
+    a concurrent run of the same recipe, then publishes exactly the documents already published.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.link(tmp, path)  # atomic, and fails if the file exists
+        return data
+    except FileExistsError:
+        try:
+            return json.loads(path.read_text())
+        except ValueError:  # a report half-written by an older version: ours replaces it
+            tmp.replace(path)
+            return data
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def merge_report_path(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".report.json")
 
@@ -219,9 +241,8 @@ def merge(
             coefficients, plan, out_dir, dtype=recipe.merge.dtype, device=recipe.merge.device,
             shard_size_mb=recipe.merge.shard_size_mb, vocab=recipe.merge.vocab, progress=progress, existing="keep",
         )
-        report = result.to_dict()
         with writing(report_file):
-            _write_atomic(report_file, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+            report = _write_once(report_file, result.to_dict())
     return MergeOutput(str(out_dir), fingerprint_dir(out_dir, _digests(workdir)), report)
 
 
@@ -297,7 +318,7 @@ def finalize_merge(recipe: Recipe, base: ResolvedModel, finetunes: list[Resolved
         report["shards"] = [{k: shard[k] for k in ("index", "filename", "worker", "seconds", "bytes_written")}
                             for shard in sorted(shards, key=lambda s: s["index"])]
         with writing(report_file):
-            _write_atomic(report_file, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+            report = _write_once(report_file, report)
         store.put_dir(out_dir)
         store.put(report_file)
         for shard in reports:
