@@ -78,18 +78,3 @@ def install() -> str | None:
     )
     return token
 
-
-def tagged_processes(key: str, value: str) -> list[int]:
-    """Pids whose environment holds KEY=VALUE (tests check that nothing of a run is left)."""
-    needle = f"{key}={value}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    found.append(int(name))
-        except OSError:
-            pass
-    return found

@@ -73,11 +73,25 @@ def start_flow_subprocess(recipe: dict, env_extra: dict[str, str]) -> subprocess
 SUBPROCESS_HOME = str(REPO / ".cache" / "prefect-subprocess-home")
 
 
+def tagged_processes(key: str, value: str) -> list[int]:
+    """Pids (not this one) whose environment holds KEY=VALUE: what is left of a run with that setting."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            pass
+    return found
+
+
 def wait_for_no_process_of(home: str = SUBPROCESS_HOME, timeout: float = 15.0) -> float:
     """Seconds until no process with PREFECT_HOME=home is left; fails the test after `timeout`."""
     import time
-
-    from metamerge.lifeline import tagged_processes
 
     started = time.monotonic()
     while tagged_processes("PREFECT_HOME", home):

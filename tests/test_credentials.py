@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from metamerge.errors import CredentialsError, is_retryable
-from metamerge.storage import check_s3_writable, publish_run, read_json
+from metamerge.storage import publish_run, read_json
 from tests.authserver import auth_s3_server
 from tests.helpers import random_family
 
@@ -47,6 +47,8 @@ def _bad(auth_s3):
 
 
 def test_the_server_enforces_auth_and_accepts_good_credentials(auth_s3, monkeypatch, tmp_path):
+    from metamerge.storage import check_s3_writable
+
     use_credentials(monkeypatch, auth_s3.writer)
     check_s3_writable(f"s3://{auth_s3.bucket}/p", auth_s3.endpoint, "publish target")
     (tmp_path / "a.bin").write_bytes(b"a")
@@ -55,6 +57,8 @@ def test_the_server_enforces_auth_and_accepts_good_credentials(auth_s3, monkeypa
 
 
 def test_refused_credentials_fail_the_preflight_with_their_code(auth_s3, monkeypatch):
+    from metamerge.storage import check_s3_writable
+
     for name, creds, code in _bad(auth_s3):
         use_credentials(monkeypatch, creds)
         started = time.monotonic()
@@ -78,6 +82,8 @@ def test_refused_credentials_fail_a_publish_at_once(auth_s3, monkeypatch, tmp_pa
 
 
 def test_missing_credentials_say_so(auth_s3, monkeypatch, tmp_path):
+    from metamerge.storage import check_s3_writable
+
     use_credentials(monkeypatch, NO_CREDENTIALS)
     with pytest.raises(CredentialsError, match=rf"at {auth_s3.endpoint}: no credentials found for bucket "
                                                rf"'{auth_s3.bucket}' \(NoCredentialsError"):

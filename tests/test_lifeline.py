@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metamerge.lifeline import tagged_processes
+from tests.flowtools import tagged_processes
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,6 @@ from metamerge.coefficients import solve_constant, solve_metagpt
 from metamerge.errors import CheckpointError, OutputError
 from metamerge.merge import merge_checkpoints
 from metamerge.methods import MergePlan
-from metamerge.outputs import OUTPUT_MARKER
 from metamerge.taskvectors import extract_stats
 from tests.helpers import random_family, write_checkpoint
 
@@ -131,6 +130,8 @@ def test_extra_vocab_rows_are_dropped_with_vocab_base(tmp_path):
 
 def test_only_an_earlier_metamerge_output_is_ever_replaced(tmp_path):
     """Issue 13 #1: a folder metamerge did not write is never touched; its own output only when asked."""
+    from metamerge.outputs import OUTPUT_MARKER
+
     base_dir, ft_dirs, *_ = random_family(tmp_path, n_finetunes=2)
     args = ([("ft0", ft_dirs[0]), ("ft1", ft_dirs[1])], solve_constant(["ft0", "ft1"], 0.5, "average"),
             MergePlan(weighting="uniform"))

@@ -15,7 +15,6 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from metamerge import outputs
 from metamerge.cli import app
 from tests.helpers import random_family
 
@@ -69,9 +68,10 @@ def test_out_equal_to_inside_or_containing_an_input_is_refused(family):
     for out, words in [(base, "is the base folder"), (base / "merged", "is inside the base folder"),
                        (fts[1], "is the fine-tune 'ft1' folder"), (tmp_path / "models", "contains the base folder"),
                        (tmp_path / "work" / "out", "is inside the workdir folder")]:
-        result = _merge(recipe, out, "--replace")
-        assert result.exit_code == 1, (out, result.output)
-        assert words in _error_line(result), (out, result.output)
+        for flags in ([], ["--replace"]):  # refused always, even when replacing is allowed
+            result = _merge(recipe, out, *flags)
+            assert result.exit_code == 1, (out, flags, result.output)
+            assert words in _error_line(result), (out, result.output)
     assert _tree_digest(tmp_path / "models") == before  # the base's sha256 never changes
 
 
@@ -79,13 +79,16 @@ def test_out_that_is_a_file_is_refused_and_not_renamed(family):
     recipe, _, _, tmp_path = family
     target = tmp_path / "notes.txt"
     target.write_text("keep me")
-    result = _merge(recipe, target, "--replace")
-    assert result.exit_code == 1 and "exists and is not a folder" in _error_line(result)
+    for flags in ([], ["--replace"]):
+        result = _merge(recipe, target, *flags)
+        assert result.exit_code == 1 and "exists and is not a folder" in _error_line(result), result.output
     assert target.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_replace_only_an_earlier_merge_output(family):
+    from metamerge import outputs
+
     recipe, _, _, tmp_path = family
     out = tmp_path / "merged"
     assert _merge(recipe, out).exit_code == 0
@@ -143,6 +146,8 @@ def _cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.Pope
 
 
 def test_merge_cleans_the_temporary_a_killed_merge_left(family):
+    from metamerge import outputs
+
     recipe, _, _, tmp_path = family
     out = tmp_path / "merged"
     marker = tmp_path / "hang"
@@ -175,6 +180,8 @@ def test_merge_cleans_the_temporary_a_killed_merge_left(family):
 
 def test_a_temporary_is_reclaimed_only_once_its_owner_is_dead(tmp_path):
     """The lock, not the pid, decides: a live owner (another process) keeps its folder."""
+    from metamerge import outputs
+
     out = tmp_path / "out"
     code = ("import sys, time; from pathlib import Path; from metamerge import outputs; "
             "t = outputs.make_temp(Path(sys.argv[1])); print(t.path, flush=True); time.sleep(600)")

@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from metamerge.errors import InputError, TransientError, WriteError
-from metamerge.preflight import preflight
 from metamerge.recipe import load_recipe
 from metamerge.storage import s3_client
 from tests.helpers import random_family
@@ -38,6 +37,8 @@ def _closed_port() -> int:
 
 
 def test_probe_checks_write_access_and_leaves_nothing(tmp_path, s3_endpoint, bucket):
+    from metamerge.preflight import preflight
+
     recipe = load_recipe(_recipe(tmp_path, publish={"target": f"s3://{bucket}/merges", "endpoint_url": s3_endpoint},
                                  results=f"s3://{bucket}/results", endpoint_url=s3_endpoint))
     done = preflight(recipe)
@@ -50,6 +51,8 @@ def test_probe_checks_write_access_and_leaves_nothing(tmp_path, s3_endpoint, buc
 
 @pytest.mark.parametrize("which", ["publish", "results"])
 def test_missing_bucket_is_named(tmp_path, s3_endpoint, bucket, which):
+    from metamerge.preflight import preflight
+
     good, bad = f"s3://{bucket}/x", "s3://no-such-bucket-here/x"
     recipe = load_recipe(_recipe(tmp_path, endpoint_url=s3_endpoint,
                                  publish={"target": bad if which == "publish" else good},
@@ -61,6 +64,8 @@ def test_missing_bucket_is_named(tmp_path, s3_endpoint, bucket, which):
 
 
 def test_unreachable_endpoint_fails_within_seconds(tmp_path):
+    from metamerge.preflight import preflight
+
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     recipe = load_recipe(_recipe(tmp_path, publish={"target": "s3://bucket/x", "endpoint_url": endpoint}))
     started = time.monotonic()
@@ -74,6 +79,7 @@ def test_workdir_and_local_target_on_one_small_disk_need_room_for_two_copies(tmp
     """The estimate sums what lands on one file system: workdir copy + published copy."""
     import torch
 
+    from metamerge.preflight import preflight
     from tests.helpers import write_checkpoint
 
     small = tmp_path / "small"
