@@ -116,11 +116,18 @@ def merge_disk_needs(recipe: Recipe, base_dir: Path, out: Path | None = None) ->
 
 
 def preflight(recipe: Recipe, out: Path | None = None, existing: str = "refuse") -> list[str]:
-    """Runs every check; raises the first failure (one line). Returns what was checked, for the log."""
+    """Runs every check; raises the first failure (one line). Returns what was checked, for the log.
+
+    With `out` (`metamerge merge --out`: no Prefect, no publishing) the publish target and the
+    result and shared storage are not checked; `out` is, with `existing` (refuse | replace).
+    """
     started = time.monotonic()
     done: list[str] = []
     inputs = outputs.local_inputs(recipe)
     workdir = Path(recipe.workdir)
+    if out is not None:  # the merge-only command publishes nothing and runs no Prefect task
+        recipe = recipe.model_copy(update={"publish": None, "results": None, "runner": recipe.runner.model_copy(
+            update={"kind": "local", "address": None, "cluster": None, "storage": None})})
     target = _local_publish_target(recipe)
 
     outputs.refuse_overlap(workdir, "workdir", inputs)

@@ -155,3 +155,15 @@ def test_flow_preflight_fails_before_any_task(tmp_path, s3_endpoint, prefect_api
         state.result()
     assert task_states(state.state_details.flow_run_id, timeout=5) == {}  # no stage ran
     print(f"flow preflight failed after {time.monotonic() - started:.1f}s")
+
+
+def test_merge_only_does_not_check_what_it_does_not_use(tmp_path):
+    """`metamerge merge --out` publishes nothing: an unusable publish target is no reason to refuse it."""
+    from metamerge.preflight import preflight
+
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    recipe = load_recipe(_recipe(tmp_path, publish={"target": "s3://bucket/x", "endpoint_url": endpoint},
+                                 results="s3://bucket/results", endpoint_url=endpoint))
+    preflight(recipe, out=tmp_path / "out")
+    with pytest.raises(TransientError):
+        preflight(recipe)
