@@ -94,7 +94,10 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         return run_on_dask(merge_flow, rec, run_id)  # the same flow, as a subflow whose tasks run on Dask
     dask = rec.runner.kind == "dask"
     with clock.stage("preflight"):  # seconds, before any heavy stage: targets, buckets, credentials, disk
-        logger.info("preflight passed: %s", "; ".join(preflight(rec)))
+        checks = preflight(rec)
+    for warning in (c for c in checks if c.startswith("warning: ")):
+        logger.warning(warning.removeprefix("warning: "))
+    logger.info("preflight passed: %s", "; ".join(c for c in checks if not c.startswith("warning: ")))
     store = stages.shared_store(rec) if dask else None
     storage = result_storage_for(rec.results, rec.endpoint_url)
     opts = {"result_storage": storage} if storage is not None else {}

@@ -41,11 +41,13 @@ def _listing(folder: Path) -> dict[str, int]:
 
 
 def write_output_marker(folder: Path, kind: str = "merge") -> None:
-    """Records that metamerge wrote `folder`, and exactly which files (name → size) it holds."""
+    """Records that metamerge wrote `folder`, and exactly which files (name → size) it holds.
+
+    Nothing time-dependent: two merges of the same inputs stay byte-identical, marker included.
+    """
     from metamerge import __version__
 
-    record = {"tool": "metamerge", "version": __version__, "kind": kind,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": _listing(Path(folder))}
+    record = {"tool": "metamerge", "version": __version__, "kind": kind, "files": _listing(Path(folder))}
     (Path(folder) / OUTPUT_MARKER).write_text(json.dumps(record, indent=1))
 
 

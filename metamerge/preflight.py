@@ -146,15 +146,16 @@ def preflight(recipe: Recipe, out: Path | None = None, existing: str = "refuse")
     done.append("local folders writable")
 
     endpoint = recipe.endpoint_url
+    s3_checks = []
     if recipe.publish is not None and target is None:
-        check_s3_writable(recipe.publish.target, recipe.publish.endpoint_url or endpoint, "publish target")
-        done.append(f"publish target {recipe.publish.target} writable")
+        s3_checks.append((recipe.publish.target, recipe.publish.endpoint_url or endpoint, "publish target"))
     if recipe.results:
-        check_s3_writable(recipe.results, endpoint, "result storage")
-        done.append(f"result storage {recipe.results} writable")
+        s3_checks.append((recipe.results, endpoint, "result storage"))
     if recipe.shared_storage:
-        check_s3_writable(recipe.shared_storage, endpoint, "shared storage")
-        done.append(f"shared storage {recipe.shared_storage} writable")
+        s3_checks.append((recipe.shared_storage, endpoint, "shared storage"))
+    for uri, url, what in s3_checks:
+        warning = check_s3_writable(uri, url, what)
+        done.append(warning or f"{what} {uri} writable")
 
     base_dir = _local_base(recipe)
     if base_dir is not None and (out is not None or not _merge_present(recipe)):

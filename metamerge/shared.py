@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metamerge.errors import InputError, TransientError
+from metamerge.outputs import OUTPUT_MARKER
 from metamerge.refs import sha256_file
 from metamerge.storage import _cause, _s3_error, parse_target, s3_client, upload_unless_present
 
@@ -53,8 +54,10 @@ class SharedStore:
             raise _s3_error(client, f"upload of {path.name} to shared storage", _cause(exc), bucket) from exc
 
     def put_dir(self, folder: Path) -> None:
+        """Every file of a workdir folder, with metamerge's output marker (so a worker that fetches the
+        folder can tell it is complete) but no other hidden file."""
         for file in sorted(Path(folder).iterdir()):
-            if file.is_file() and not file.name.startswith("."):
+            if file.is_file() and (not file.name.startswith(".") or file.name == OUTPUT_MARKER):
                 self.put(file)
 
     def exists(self, path: Path) -> bool:

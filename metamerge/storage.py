@@ -483,12 +483,15 @@ def published_run_intact(target_uri: str, model_name: str, endpoint_url: str | N
     return uri
 
 
-def check_s3_writable(uri: str, endpoint_url: str | None, what: str) -> None:
+def check_s3_writable(uri: str, endpoint_url: str | None, what: str) -> str | None:
     """Preflight of an s3:// location: reachable, the bucket exists, the credentials may write.
 
     The write probe creates a multipart upload under a hidden key and aborts it: it needs the
     PutObject permission, yet never creates an object (nothing to list, no version on a
-    versioned bucket, no DeleteObject permission needed).
+    versioned bucket, no DeleteObject permission needed). An endpoint that cannot be reached, a
+    missing bucket, refused or missing credentials raise; a server that answers but fails
+    (HTTP 5xx, throttling) is reachable: that returns a warning, and the stages' retries deal
+    with it later.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -500,4 +503,9 @@ def check_s3_writable(uri: str, endpoint_url: str | None, what: str) -> None:
         upload = client.create_multipart_upload(Bucket=target.bucket, Key=key)
         client.abort_multipart_upload(Bucket=target.bucket, Key=key, UploadId=upload["UploadId"])
     except (ClientError, BotoCoreError) as exc:
-        raise _s3_error(client, f"preflight of {what} {uri}", exc, target.bucket) from exc
+        error = _s3_error(client, f"preflight of {what} {uri}", exc, target.bucket)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) if isinstance(exc, ClientError) else 0
+        if isinstance(error, TransientError) and (status >= 500 or status == 429):
+            return f"warning: {error} (reachable; not verified, the stages retry)"
+        raise error from exc
+    return None

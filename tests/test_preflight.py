@@ -167,3 +167,14 @@ def test_merge_only_does_not_check_what_it_does_not_use(tmp_path):
     preflight(recipe, out=tmp_path / "out")
     with pytest.raises(TransientError):
         preflight(recipe)
+
+
+def test_a_server_that_answers_5xx_is_reachable_and_only_warned_about(tmp_path, s3_endpoint, bucket):
+    """Unreachable fails; a failing but answering server is left to the stages' retries (tests/test_faults.py)."""
+    from metamerge.preflight import preflight
+    from tests.faultproxy import FaultProxy
+
+    with FaultProxy(s3_endpoint, always=True, mode="503") as proxy:
+        recipe = load_recipe(_recipe(tmp_path, publish={"target": f"s3://{bucket}/x", "endpoint_url": proxy.endpoint}))
+        done = preflight(recipe)
+    assert any(d.startswith("warning: S3 preflight of publish target") and "HTTP 503" in d for d in done), done
