@@ -42,6 +42,7 @@ def test_two_concurrent_runs_publish_only_true_manifests(zoo, s3_endpoint, bucke
                                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outcomes = [proc.communicate(timeout=900) + (proc.returncode,) for proc in procs]
     codes = sorted(code for _, _, code in outcomes)
+    print(f"exit codes of the two runs: {codes}")
     # both publish the same merge with the same documents (the merge's report is its first writer's), or
     # one of them fails cleanly; never may a committed manifest disagree with the stored bytes
     assert codes in ([0, 0], [0, 1]), [(code, err[-3000:]) for _, err, code in outcomes]
