@@ -96,8 +96,9 @@ def merge(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
         finetunes = [stages.resolve(ft.ref, workdir) for ft in rec.finetunes]
         labels = [ft.label for ft in rec.finetunes]
         stats = [stages.extract(base, f, label, plan, rec.merge.vocab, workdir)
-                 for f, label in zip(finetunes, labels, strict=True)]
-        norms = stages.check_task_vectors(rec, stages.load_stats(stats))
+                 for f, label in zip(finetunes, labels, strict=True)] if plan.needs_norms else []
+        # with stats, a bad "fine-tune" fails before the merge; without, the merge pass checks it before committing
+        norms = stages.check_task_vectors(rec, stages.load_stats(stats)) if stats else None
         coefficients = stages.solve(labels, stats, plan, rec.method.name)
         with tqdm(total=1, unit="B", unit_scale=True, desc="merge", disable=None) as bar:
             def progress(done: int, total: int, _name: str) -> None:
@@ -107,7 +108,8 @@ def merge(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
             report = merge_checkpoints(base.path, [(label, f.path) for label, f in zip(labels, finetunes, strict=True)],
                                        coefficients, plan, out, dtype=rec.merge.dtype, device=rec.merge.device,
                                        shard_size_mb=rec.merge.shard_size_mb, vocab=rec.merge.vocab, progress=progress,
-                                       existing=existing)
+                                       existing=existing, max_relative_norm=rec.merge.max_relative_norm)
+        norms = norms or report.relative_norms()
     except (MetamergeError, OSError) as exc:
         _fail(_one_line(exc))
     typer.echo(f"λ per fine-tune: {json.dumps({k: round(v, 4) for k, v in coefficients.model_level().items()})}")

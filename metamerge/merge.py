@@ -41,6 +41,7 @@ from metamerge.compat import Alignment, align, aligned_rows, tied_aliases
 from metamerge.errors import CheckpointError, writing
 from metamerge.faults import hang_point
 from metamerge.methods import MergePlan, chunked, combine, sparsify_
+from metamerge.taskvectors import check_relative_norms
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ProgressFn = Callable[[int, int, str], None]
@@ -315,8 +316,12 @@ def merge_checkpoints(
     vocab: str = "base",
     progress: ProgressFn | None = None,
     existing: str = "refuse",
+    max_relative_norm: float | None = None,
 ) -> MergeReport:
     """The whole model in one process: every shard, the index, aux files, verified, then renamed in.
+
+    With `max_relative_norm`, a fine-tune whose ‖τ‖/‖θ₀‖ (from this pass's own sums) is above it
+    fails the merge before anything is committed: the check costs no extra read of the models.
 
     `existing` says what may happen to something already at `out_dir` (metamerge.outputs):
     `refuse` (default), `replace` (an earlier metamerge output only) or `keep` (an intact
@@ -338,6 +343,9 @@ def merge_checkpoints(
             writer = ShardedWriter(temp.path, tensors_out, shard_size_mb * 1024 * 1024)
             totals = _stream(job, job.pieces(tensors_out), writer, total_bytes, progress, "merge")
             writer.finish()
+            base_norm = math.sqrt(totals.base_sq_norm)
+            check_relative_norms({label: math.sqrt(max(float(totals.gram[i, i]), 0.0)) / base_norm if base_norm else
+                                  math.inf for i, label in enumerate(job.labels)}, max_relative_norm)
             verify_checkpoint(temp.path, tensors_out)
             copy_aux_files(base_dir, temp.path)
             _set_config_dtype(temp.path, dtype)

@@ -22,7 +22,7 @@ from pathlib import Path
 from metamerge import __version__, outputs
 from metamerge import merge as engine
 from metamerge.coefficients import Coefficients, solve_constant, solve_metagpt
-from metamerge.errors import CheckpointError, InputError, TransientError, writing
+from metamerge.errors import InputError, TransientError, writing
 from metamerge.evaluate import EvalSpec, ScoreTable, evaluate_model, lm_eval_version
 from metamerge.gate import GateDecision, baseline_from_manifest
 from metamerge.gate import check_gate as check_gate_against
@@ -32,7 +32,7 @@ from metamerge.recipe import Recipe, recipe_to_yaml
 from metamerge.refs import DigestCache, ResolvedModel, fingerprint_dir, resolve_ref
 from metamerge.shared import SharedStore
 from metamerge.storage import PublishResult, latest_manifest, publish_run, published_run_intact
-from metamerge.taskvectors import STATS_VERSION, TaskVectorStats, extract_stats
+from metamerge.taskvectors import STATS_VERSION, TaskVectorStats, check_relative_norms, extract_stats
 
 CODE_VERSION = f"metamerge-{__version__}"
 
@@ -131,19 +131,9 @@ def dropped_vocab_rows(stats: list[TaskVectorStats]) -> dict[str, dict[str, int]
 
 
 def check_task_vectors(recipe: Recipe, stats: list[TaskVectorStats]) -> dict[str, float]:
-    """Fails, naming the fine-tune and the number, when a task vector is too large to be a fine-tune's.
-
-    Independent weights of one architecture give ‖θ_t − θ₀‖ ≥ ‖θ₀‖ (≈ √2 ‖θ₀‖ for equal scales), real
-    fine-tunes a few percent; `merge.max_relative_norm` (default 0.8, docs/recipes.md) sits in between.
-    """
+    """‖τ_t‖/‖θ₀‖ per fine-tune; fails naming the fine-tune and the number above `merge.max_relative_norm`."""
     norms = relative_norms(stats)
-    bound = recipe.merge.max_relative_norm
-    if bound is not None:
-        for label, value in norms.items():
-            if not value <= bound:
-                raise CheckpointError(
-                    f"fine-tune {label!r}: ‖τ‖/‖θ₀‖ = {value:.3f} is above merge.max_relative_norm {bound:g}; "
-                    "it does not look like a fine-tune of this base")
+    check_relative_norms(norms, recipe.merge.max_relative_norm)
     return norms
 
 

@@ -52,6 +52,20 @@ class TaskVectorStats:
         return cls(**data)
 
 
+def check_relative_norms(norms: dict[str, float], bound: float | None) -> None:
+    """Fails, naming the fine-tune and the number, when ‖τ_t‖/‖θ₀‖ is above `bound` (None: no check).
+
+    Independent weights of one architecture give ‖θ_t − θ₀‖ ≥ ‖θ₀‖ (≈ √2 ‖θ₀‖ for equal scales), real
+    fine-tunes a few percent; `merge.max_relative_norm` (default 0.8, docs/recipes.md) sits in between.
+    """
+    if bound is None:
+        return
+    for label, value in norms.items():
+        if not value <= bound:
+            raise CheckpointError(f"fine-tune {label!r}: ‖τ‖/‖θ₀‖ = {value:.3f} is above merge.max_relative_norm "
+                                  f"{bound:g}; it does not look like a fine-tune of this base")
+
+
 def extract_stats(
     base_dir: Path, finetune_dir: Path, label: str, plan: MergePlan | None = None, vocab: str = "base"
 ) -> TaskVectorStats:

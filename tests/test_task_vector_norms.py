@@ -61,10 +61,12 @@ def test_relative_norm_is_the_task_vectors_norm_over_the_bases(tmp_path):
         assert stats.relative_norm == pytest.approx(_direct_relative_norm(base, ft), rel=1e-6)
 
 
-def test_finetunes_of_an_unrelated_init_fail_naming_the_finetune_and_the_number(tmp_path):
+@pytest.mark.parametrize("method", ["metagpt", "task_arithmetic", "ties"])
+def test_finetunes_of_an_unrelated_init_fail_naming_the_finetune_and_the_number(tmp_path, method):
+    """metagpt checks the extracted norms before merging; the others, the merge pass's own sums before committing."""
     base, *_ = random_family(tmp_path / "a", n_finetunes=1, seed=0)
     _, alien_fts, *_ = random_family(tmp_path / "b", n_finetunes=2, seed=1, scale=[0.01, 0.01])
-    recipe = {"name": "m", "base": str(base), "finetunes": [str(f) for f in alien_fts], "method": "metagpt",
+    recipe = {"name": "m", "base": str(base), "finetunes": [str(f) for f in alien_fts], "method": method,
               "merge": {"device": "cpu"}, "workdir": str(tmp_path / "work")}
     done, elapsed = _cli_merge(recipe, tmp_path)
     assert done.returncode == 1
@@ -72,7 +74,7 @@ def test_finetunes_of_an_unrelated_init_fail_naming_the_finetune_and_the_number(
     assert expected > 1.0  # independent weights: ‖θ_t − θ₀‖ ≥ ‖θ₀‖
     assert done.stderr.strip() == (f"error: fine-tune 'ft0': ‖τ‖/‖θ₀‖ = {expected:.3f} is above "
                                    "merge.max_relative_norm 0.8; it does not look like a fine-tune of this base")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     print(f"{done.stderr.strip()} ({elapsed:.1f}s)")
 
     recipe["merge"]["max_relative_norm"] = 2.0  # the bound is the recipe's
