@@ -16,7 +16,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from flows.scaleout import merge_by_shard, on_dask, run_on_dask
 from metamerge import progress, stages
+from metamerge.errors import TransientError
 from metamerge.methods import plan_for
+from metamerge.preflight import check_disk, merge_disk_needs, preflight
 from metamerge.recipe import Recipe, load_recipe, parse_recipe
 from metamerge.registry import entry_for_ref, extend_recipe
 from tasks.evaluate import evaluate_model
@@ -38,6 +40,30 @@ def load(recipe: str | dict[str, Any] | Recipe) -> Recipe:
     return load_recipe(recipe)
 
 
+def publish_cached_only_if_intact(publish_task, rec: Recipe, merged: stages.MergeOutput, run_id: str,
+                                  asked_run_id: str | None, documents: dict[str, str],
+                                  normalized_average: float | None) -> dict[str, Any]:
+    """The publish task, whose cached result is trusted only while what it claims is still stored.
+
+    Before the call: is the publication still there (latest.json → a manifest of this merge and
+    these documents → every listed object present)? If not, the cache is refreshed and the
+    publish really runs (idempotent: objects still there are skipped). After a cache hit, its
+    manifest must be the one just checked; a result cached elsewhere that points at another run
+    is not trusted either. Validation rather than a key that folds in existence: the published
+    location depends on the cached result itself (its run id carries the day it was made), and
+    a key that changes whenever objects vanish would leave stale entries that match again later.
+    """
+    try:
+        intact = stages.published_intact(rec, merged.fingerprint, documents, asked_run_id)
+    except TransientError:
+        intact = None  # cannot tell: publish again (the task retries, uploads are idempotent)
+    args = (rec, merged, run_id, documents, normalized_average)
+    published = publish_task.with_options(refresh_cache=intact is None)(*args)
+    if intact is not None and published["manifest_uri"] != intact:
+        published = publish_task.with_options(refresh_cache=True)(*args)
+    return published
+
+
 @flow(name="metagpt-merge", log_prints=True)
 def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
                finetune_refs: list[str] | None = None) -> dict[str, Any]:
@@ -50,6 +76,11 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     if rec.runner.kind == "dask" and not on_dask():
         return run_on_dask(merge_flow, rec, run_id)  # the same flow, as a subflow whose tasks run on Dask
     dask = rec.runner.kind == "dask"
+    with clock.stage("preflight"):  # seconds, before any heavy stage: targets, buckets, credentials, disk
+        checks = preflight(rec)
+    for warning in (c for c in checks if c.startswith("warning: ")):
+        logger.warning(warning.removeprefix("warning: "))
+    logger.info("preflight passed: %s", "; ".join(c for c in checks if not c.startswith("warning: ")))
     store = stages.shared_store(rec) if dask else None
     storage = result_storage_for(rec.results, rec.endpoint_url)
     opts = {"result_storage": storage} if storage is not None else {}
@@ -76,6 +107,12 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
             extract = extract_task.with_options(refresh_cache=missing)
             stats_futures.append(extract.submit(base, ft, label, plan, rec.merge.vocab, workdir, store))
         stats_files = [f.result() for f in stats_futures]
+    stats = stages.load_stats(stats_files, store)
+    norms = stages.check_task_vectors(rec, stats)  # fails naming a "fine-tune" that is no fine-tune of the base
+    dropped = stages.dropped_vocab_rows(stats)
+    logger.info("‖τ‖/‖θ₀‖: %s", {k: round(v, 4) for k, v in norms.items()})
+    for line in stages.vocab_summary(dropped):
+        logger.warning(line)
     with clock.stage("solve"):
         solved = solve_task(labels, stats_files, plan, rec.method.name, store)
     coefficients = coefficients_of(solved)
@@ -86,7 +123,9 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
             missing = not stages.merge_available(rec, base, finetunes, coefficients)
             merged = merge_by_shard(rec, base, finetunes, solved, opts, refresh=missing)
         else:
-            missing = not stages.merged_dir(rec, base, finetunes, coefficients).exists()
+            missing = not stages.merge_intact(stages.merged_dir(rec, base, finetunes, coefficients))
+            if missing:  # the precise disk check, now that the merge is known to be needed
+                check_disk(merge_disk_needs(rec, base.path))
             merged = merge_task.with_options(refresh_cache=missing)(rec, base, finetunes, solved)
     create_table_artifact(key="task-vector-cosine", table=stages.cosine_records(merged.report),
                           description="cosine of task vectors; MetaGPT assumes off-diagonal ≈ 0")
@@ -135,28 +174,32 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         create_table_artifact(key="quality-gate", table=gate.as_records(), description=gate.summary())
         logger.info(gate.summary())
 
+    asked_run_id = run_id
     run_id = run_id or stages.run_id_for(merged.fingerprint)
     published = None
+    # the report shows the norms checked above and the vocabulary rows each fine-tune lost
+    report_data = {**merged.report, "relative_norms": norms, "dropped_rows": dropped}
     documents = {
         "coefficients.json": coefficients.to_json(),
         "merge_report.json": json.dumps(merged.report, indent=1),
-        "report.md": stages.report_markdown(rec, [base, *finetunes], coefficients, plan, merged.report, table, None),
+        "report.md": stages.report_markdown(rec, [base, *finetunes], coefficients, plan, report_data, table, None),
     }
     if table is not None:
         documents["scores.json"] = json.dumps(
             {"rows": table.rows, "records": table.as_records(), "merged": table.merged_label}, indent=1)
     if gate is not None and not gate.passed:
-        report = stages.report_markdown(rec, [base, *finetunes], coefficients, plan, merged.report, table, None,
+        report = stages.report_markdown(rec, [base, *finetunes], coefficients, plan, report_data, table, None,
                                         clock.seconds, gate)
         create_markdown_artifact(key="merge-report", markdown=report, description=f"merge report {rec.name} (gate failed)")
         gate.raise_if_failed()  # the run ends Failed, with the score table and the gate's checks as artifacts
     if rec.publish is not None:
         with clock.stage("publish"):
-            published = publish_task(rec, merged, run_id, documents, normalized_average)
+            published = publish_cached_only_if_intact(publish_task, rec, merged, run_id, asked_run_id, documents,
+                                                      normalized_average)
         create_link_artifact(key="published-manifest", link=published["manifest_uri"],
                              link_text=published["manifest_uri"], description="manifest of the published merge")
         logger.info("published %s", published["manifest_uri"])
-    report = stages.report_markdown(rec, [base, *finetunes], coefficients, plan, merged.report, table,
+    report = stages.report_markdown(rec, [base, *finetunes], coefficients, plan, report_data, table,
                                     published["manifest_uri"] if published else None, clock.seconds, gate)
     create_markdown_artifact(key="merge-report", markdown=report, description=f"merge report {rec.name}")
     return {
@@ -165,6 +208,8 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         "merged_path": merged.path,
         "merged_fingerprint": merged.fingerprint,
         "coefficients": coefficients.model_level(),
+        "relative_norms": norms,
+        "dropped_rows": dropped,
         "cosine": merged.report["cosine"],
         "scores": table.as_records() if table else None,
         "normalized_average": normalized_average,

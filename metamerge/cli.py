@@ -18,7 +18,7 @@ import typer
 
 from metamerge import progress
 from metamerge.console import RichStages, cli_log_path, quiet_stderr
-from metamerge.errors import MetamergeError
+from metamerge.errors import MetamergeError, is_deterministic_os_error, write_error
 from metamerge.quality import DEFAULT_METHODS, Comparison, parse_method
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -45,9 +45,12 @@ PREFECT_DEFAULTS = {
 
 def prepare_environment(project_dir: Path) -> None:
     """Embedded default: Prefect's local ephemeral API with its SQLite under the project."""
+    from metamerge import lifeline
+
     os.environ.setdefault("PREFECT_HOME", str(project_dir / ".prefect"))
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    lifeline.install()  # the ephemeral server (and any other child) never outlives this command, even on SIGKILL
 
 
 def _fail(exc: Exception, log_path: Path | None = None) -> None:
@@ -76,12 +79,15 @@ def _run_command(name: str, body: Callable[[Callable[[str], None]], T]) -> T:
             except MetamergeError as exc:
                 failure = exc
             except Exception as exc:  # an unexpected error: still one line, the traceback in the log
-                if verbose:
-                    raise
                 import traceback
 
-                traceback.print_exc()  # into the log file
-                failure = exc
+                if isinstance(exc, OSError) and is_deterministic_os_error(exc):
+                    failure = write_error(exc)  # a full disk, a read-only or refused path: path and cause
+                elif verbose:
+                    raise
+                else:
+                    failure = exc
+                traceback.print_exc()  # into the log file (or the terminal with --verbose)
     _fail(failure, quiet_log if not isinstance(failure, MetamergeError) else None)
     raise AssertionError("unreachable")
 
@@ -99,12 +105,14 @@ def run(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
         run_id: str = typer.Option(None, help="publish under this run id (default: time + fingerprint)"),
         summary_json: Path = typer.Option(None, help="also write the run's summary (λ, scores, URI) as JSON here")) -> None:
     """Run the merge pipeline for a recipe on Prefect (local API unless PREFECT_API_URL is set)."""
+    from metamerge.preflight import preflight
     from metamerge.recipe import load_recipe
 
     prepare_environment(Path.cwd())
 
     def body(say: Callable[[str], None]) -> dict:
-        load_recipe(recipe)  # fail in the first second on a bad recipe
+        # fail in the first seconds on a bad recipe, an unreachable target, refused credentials, a full disk
+        preflight(load_recipe(recipe))
         return run_flow(str(recipe), run_id)
 
     summary = _run_command("run", body)
@@ -114,36 +122,51 @@ def run(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
 
 @app.command()
 def merge(recipe: Path = typer.Argument(..., help="merge recipe YAML"),
-          out: Path = typer.Option(..., help="output folder for the merged checkpoint")) -> None:
+          out: Path = typer.Option(..., help="output folder for the merged checkpoint (new or empty)"),
+          replace: bool = typer.Option(False, "--replace",
+                                       help="replace an earlier merge output that metamerge itself wrote at --out")) -> None:
     """Merge only (no evaluation, no publishing, no Prefect): the fastest path for one local merge."""
-    from metamerge import stages
+    from metamerge import outputs, preflight, stages
     from metamerge.merge import merge_checkpoints
     from metamerge.methods import plan_for
     from metamerge.recipe import load_recipe
 
+    existing = "replace" if replace else "refuse"
+
     def body(say: Callable[[str], None]):
         rec = load_recipe(recipe)
+        target = out.absolute()
+        preflight.preflight(rec, out=target, existing=existing)
+        outputs.remove_stale_temporaries(target)  # what killed runs left next to --out
         plan = plan_for(rec.method)
         workdir = Path(rec.workdir)
         clock = progress.StageClock()
         with clock.stage("resolve"):
             base = stages.resolve(rec.base, workdir)
+            if "://" in rec.base and not rec.base.startswith("file://"):  # remote: its size is known only now
+                preflight.check_disk(preflight.merge_disk_needs(rec, base.path, target))
             finetunes = [stages.resolve(ft.ref, workdir) for ft in rec.finetunes]
         labels = [ft.label for ft in rec.finetunes]
         with clock.stage("extract"):
             stats = [stages.extract(base, f, label, plan, rec.merge.vocab, workdir)
                      for f, label in zip(finetunes, labels, strict=True)] if plan.needs_norms else []
+            # with stats, a bad "fine-tune" fails before the merge; without, the merge pass checks it before committing
+            norms = stages.check_task_vectors(rec, stages.load_stats(stats)) if stats else None
         with clock.stage("solve"):
             coefficients = stages.solve(labels, stats, plan, rec.method.name)
         with clock.stage("merge"):
             report = merge_checkpoints(base.path, [(label, f.path) for label, f in zip(labels, finetunes, strict=True)],
-                                       coefficients, plan, out, dtype=rec.merge.dtype, device=rec.merge.device,
+                                       coefficients, plan, target, dtype=rec.merge.dtype, device=rec.merge.device,
                                        shard_size_mb=rec.merge.shard_size_mb, vocab=rec.merge.vocab,
-                                       progress=lambda done, total, _name: progress.advance("merge", done, total))
-        return coefficients, report
+                                       progress=lambda done, total, _name: progress.advance("merge", done, total),
+                                       existing=existing, max_relative_norm=rec.merge.max_relative_norm)
+        return coefficients, report, norms or report.relative_norms()
 
-    coefficients, report = _run_command("merge", body)
+    coefficients, report, norms = _run_command("merge", body)
     typer.echo(f"λ per fine-tune: {json.dumps({k: round(v, 4) for k, v in coefficients.model_level().items()})}")
+    typer.echo(f"‖τ‖/‖θ₀‖ per fine-tune: {json.dumps({k: round(v, 4) for k, v in norms.items()})}")
+    for line in stages.vocab_summary(report.dropped_rows):
+        typer.echo(line)
     typer.echo(f"merged {report.tensors} tensors in {report.seconds:.2f}s on {report.device} -> {out}")
 
 
@@ -156,6 +179,12 @@ def _write_summary(summary: dict, path: Path | None) -> None:
 
 def _print_summary(summary: dict) -> None:
     typer.echo(f"\nλ per fine-tune: {json.dumps({k: round(v, 4) for k, v in summary['coefficients'].items()})}")
+    if summary.get("relative_norms"):
+        typer.echo(f"‖τ‖/‖θ₀‖ per fine-tune: {json.dumps({k: round(v, 4) for k, v in summary['relative_norms'].items()})}")
+    from metamerge.stages import vocab_summary
+
+    for line in vocab_summary(summary.get("dropped_rows") or {}):
+        typer.echo(line)
     if summary.get("scores"):
         records = summary["scores"]
         headers = list(records[0])
@@ -311,10 +340,10 @@ def watch(recipe: Path = typer.Argument(..., help="recipe whose base and publish
 def inspect(run_uri: str = typer.Argument(..., help="s3://bucket/prefix/<model>/<run-id> or a local run folder"),
             endpoint_url: str = typer.Option(None, help="S3 endpoint (default: AWS or $AWS_ENDPOINT_URL)")) -> None:
     """Show a published run: its manifest, λ and scores."""
-    from metamerge.storage import read_json
+    from metamerge.storage import read_json, read_manifest
 
     try:
-        manifest = read_json(f"{run_uri.rstrip('/')}/manifest.json", endpoint_url)
+        manifest = read_manifest(run_uri, endpoint_url)  # `no published run at <uri>` when there is none
         typer.echo(f"run {manifest['run_id']} of {manifest['model']} ({manifest.get('method')}), "
                    f"{len(manifest['files'])} files, created {manifest['created']}")
         coefficients = read_json(f"{run_uri.rstrip('/')}/coefficients.json", endpoint_url)

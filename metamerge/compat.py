@@ -23,6 +23,7 @@ class Alignment:
 
     label: str
     keep_rows: dict[str, int] = field(default_factory=dict)
+    dropped_rows: dict[str, int] = field(default_factory=dict)  # rows left out per tensor (vocab: base)
 
 
 def _is_vocab_tensor(name: str) -> bool:
@@ -46,6 +47,7 @@ def align(base: CheckpointReader, finetune: CheckpointReader, vocab: str = "base
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise CheckpointError(f"fine-tune {label!r} has tensor {extra[0]!r}{more} that the base lacks")
     keep_rows: dict[str, int] = {}
+    dropped: dict[str, int] = {}
     for name in base.names:
         b, f = base.info(name), finetune.info(name)
         if b.is_float != f.is_float or (not b.is_float and b.dtype != f.dtype):
@@ -58,12 +60,13 @@ def align(base: CheckpointReader, finetune: CheckpointReader, vocab: str = "base
         )
         if grew_vocab and vocab == "base":
             keep_rows[name] = b.shape[0]
+            dropped[name] = f.shape[0] - b.shape[0]
             continue
         raise CheckpointError(
             f"fine-tune {label!r}: tensor {name!r} has shape {_shape_text(f.shape)}, "
             f"base has {_shape_text(b.shape)}"
         )
-    return Alignment(label=label, keep_rows=keep_rows)
+    return Alignment(label=label, keep_rows=keep_rows, dropped_rows=dropped)
 
 
 def aligned_rows(alignment: Alignment, name: str, rows: tuple[int, int] | None) -> tuple[int, int] | None:

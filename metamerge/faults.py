@@ -1,4 +1,4 @@
-"""Fault-injection points for crash tests; inert unless METAMERGE_TEST_HANG_AT is set.
+"""Fault-injection points for crash and race tests; inert unless METAMERGE_TEST_* is set.
 
 A test that must SIGKILL a run *during* the merge or *during* the upload sets
 METAMERGE_TEST_HANG_AT=merge|merge-shard|upload and METAMERGE_TEST_HANG_MARKER=<file>: the run
@@ -30,3 +30,28 @@ def hang_point(name: str) -> None:
         Path(marker).write_text(str(os.getpid()))
     while True:  # until SIGKILL
         time.sleep(1)
+
+
+def rendezvous(name: str) -> None:
+    """Lines up concurrent processes at one point, for race tests; inert unless METAMERGE_TEST_RENDEZVOUS_AT=name.
+
+    With METAMERGE_TEST_RENDEZVOUS_DIR=<folder> and METAMERGE_TEST_RENDEZVOUS_N=<n>, each arriving
+    process takes the next free slot k, waits until n processes have arrived, then goes on after
+    k × 2 s: the first to arrive is the first to leave, deterministically.
+    """
+    if os.environ.get("METAMERGE_TEST_RENDEZVOUS_AT") != name:
+        return
+    folder = Path(os.environ["METAMERGE_TEST_RENDEZVOUS_DIR"])
+    count = int(os.environ.get("METAMERGE_TEST_RENDEZVOUS_N", "2"))
+    folder.mkdir(parents=True, exist_ok=True)
+    slot = 0
+    while True:
+        try:
+            os.close(os.open(folder / f"slot-{slot}", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            break
+        except FileExistsError:
+            slot += 1
+    deadline = time.monotonic() + 300
+    while len(list(folder.glob("slot-*"))) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2.0 * slot)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from metamerge import checkpoint
+from metamerge import checkpoint, outputs
 from metamerge.checkpoint import (
     CheckpointReader,
     ShardedWriter,
@@ -38,9 +38,10 @@ from metamerge.checkpoint import (
 )
 from metamerge.coefficients import Coefficients
 from metamerge.compat import Alignment, align, aligned_rows, tied_aliases
-from metamerge.errors import CheckpointError
+from metamerge.errors import CheckpointError, writing
 from metamerge.faults import hang_point
 from metamerge.methods import MergePlan, chunked, combine, sparsify_
+from metamerge.taskvectors import check_relative_norms
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ProgressFn = Callable[[int, int, str], None]
@@ -59,6 +60,14 @@ class MergeReport:
     gram: list[list[float]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     delta_rounding_loss: float = 0.0
+    base_sq_norm: float = 0.0
+    dropped_rows: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def relative_norms(self) -> dict[str, float]:
+        """‖τ_t‖ / ‖θ₀‖ per fine-tune over every merged tensor (before any sparsification)."""
+        base = math.sqrt(self.base_sq_norm)
+        return {label: (math.sqrt(max(self.gram[i][i], 0.0)) / base if base > 0 else math.inf)
+                for i, label in enumerate(self.labels)}
 
     def cosine(self) -> list[list[float]]:
         """Cosine of task vectors; MetaGPT assumes these are near 0 off the diagonal."""
@@ -74,6 +83,7 @@ class MergeReport:
         data = {k: v for k, v in self.__dict__.items() if k != "out_dir"}
         data["out_dir"] = str(self.out_dir)
         data["cosine"] = self.cosine()
+        data["relative_norms"] = self.relative_norms()
         return data
 
 
@@ -134,28 +144,34 @@ class _Inputs:
 
 def _merge_piece(
     stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, part: int,
-    out: torch.Tensor | None, seed_name: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64).
+    out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base",
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64; ‖θ₀ piece‖²).
 
     Works in place: rows 1..T of `stacked` become the task vectors; row 0 stays the base.
     """
     if plan.sparsify == "none" and plan.consensus == "none" and not plan.normalize and out is not None:
-        return _linear_piece_blocked(stacked, weights, plan, labels, name, out)
+        return _linear_piece_blocked(stacked, weights, plan, labels, name, out, base_label)
     base, taus = stacked[0], stacked[1:]
+    base_sq = float(torch.dot(base, base))
     taus.sub_(base)
     gram = (taus @ taus.T).double()
-    _require_finite(gram, labels, name)
+    _require_finite(gram, base_sq, labels, name, base_label)
     sparsify_(taus, plan, labels, seed_name or name, part)
     delta = combine(taus, weights, plan, out=out)
-    return delta.add_(base), gram
+    return delta.add_(base), gram, base_sq
 
 
-def _require_finite(gram: torch.Tensor, labels: list[str], name: str) -> None:
-    """‖τ_t‖² (the gram's diagonal) is non-finite iff τ_t holds NaN/Inf: a free input check."""
+def _require_finite(gram: torch.Tensor, base_sq: float, labels: list[str], name: str, base_label: str) -> None:
+    """‖θ₀‖² and ‖τ_t‖² (the gram's diagonal) are non-finite iff they hold NaN/Inf: a free input check.
+
+    The base is checked first: NaN in θ₀ makes every τ_t NaN, and the base, not a fine-tune, is to blame.
+    """
+    if not math.isfinite(base_sq):
+        raise CheckpointError(f"{base_label}: tensor {name!r} contains NaN or Inf")
     if not bool(torch.isfinite(gram.diagonal()).all()):
         bad = [labels[i] for i in range(len(labels)) if not math.isfinite(float(gram[i, i]))]
-        raise CheckpointError(f"tensor {name!r} contains NaN or Inf (fine-tune(s) {', '.join(bad)} or the base)")
+        raise CheckpointError(f"fine-tune {', '.join(repr(b) for b in bad)}: tensor {name!r} contains NaN or Inf")
 
 
 LINEAR_BLOCK = 1 << 15
@@ -163,21 +179,24 @@ LINEAR_BLOCK = 1 << 15
 
 def _linear_piece_blocked(
     stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, out: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    base_label: str = "base",
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Linear merges in cache-sized column blocks: τ, the gram and θ₀ + Σ w τ touch memory once."""
     count = stacked.shape[0] - 1
     gram = torch.zeros((count, count), dtype=torch.float64)
+    base_sq = 0.0
     row = weights.reshape(1, -1) * plan.scale
     for start in range(0, stacked.shape[1], LINEAR_BLOCK):
         block = stacked[:, start : start + LINEAR_BLOCK]
         taus = block[1:]
+        base_sq += float(torch.dot(block[0], block[0]))
         taus.sub_(block[0])
         gram += (taus @ taus.T).double()
         target = out[start : start + LINEAR_BLOCK].reshape(1, -1)
         torch.matmul(row, taus, out=target)
         target.add_(block[0])
-    _require_finite(gram, labels, name)
-    return out[: stacked.shape[1]], gram
+    _require_finite(gram, base_sq, labels, name, base_label)
+    return out[: stacked.shape[1]], gram, base_sq
 
 
 class _Job:
@@ -187,9 +206,13 @@ class _Job:
                  plan: MergePlan, dtype: str, device: str, vocab: str):
         self.device = resolve_device(device)
         self.base = CheckpointReader(base_dir, label="base")
+        self.base_label = f"base {Path(base_dir)}"
         readers = [CheckpointReader(path, label=label) for label, path in finetunes]
         self.pairs = [(reader, align(self.base, reader, vocab)) for reader in readers]
         self.labels = [label for label, _ in finetunes]
+        # vocabulary rows (added tokens) that `vocab: base` leaves out, per fine-tune and tensor
+        self.dropped_rows = {label: alignment.dropped_rows for (label, _), (_, alignment)
+                             in zip(finetunes, self.pairs, strict=True) if alignment.dropped_rows}
         if coefficients.tasks != self.labels:
             raise CheckpointError(f"coefficients are for {coefficients.tasks}, merge inputs are {self.labels}")
         self.coefficients, self.plan = coefficients, plan
@@ -214,6 +237,7 @@ class _Totals:
     """What a stream of pieces adds up to; shard partials sum to the whole model's."""
 
     gram: torch.Tensor
+    base_sq_norm: float = 0.0
     bytes_read: int = 0
     rounding_num: float = 0.0
     rounding_den: float = 0.0
@@ -247,9 +271,11 @@ def _stream(job: _Job, work: list, writer: ShardedWriter, total_bytes: int, prog
                     weights_cache[group] = torch.tensor(coefficients.groups[group], dtype=torch.float32, device=compute_device)
                 n = loaded.shape[1]
                 out = workspace.result[:n] if n <= workspace.capacity and compute_device.type == "cpu" else None
-                result32, gram = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
-                                              rows[0] if rows else 0, out, aliases.get(info.name))
+                result32, gram, base_sq = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
+                                                       rows[0] if rows else 0, out, aliases.get(info.name),
+                                                       job.base_label)
                 totals.gram += gram.cpu()
+                totals.base_sq_norm += base_sq
                 result = result32.reshape(shape).to(info.dtype)
                 if info.dtype != torch.float32:
                     base32 = loaded[0].reshape(shape)
@@ -289,26 +315,45 @@ def merge_checkpoints(
     shard_size_mb: float = 2000,
     vocab: str = "base",
     progress: ProgressFn | None = None,
+    existing: str = "refuse",
+    max_relative_norm: float | None = None,
 ) -> MergeReport:
-    """The whole model in one process: every shard, the index, aux files, verified, then renamed in."""
+    """The whole model in one process: every shard, the index, aux files, verified, then renamed in.
+
+    With `max_relative_norm`, a fine-tune whose ‖τ‖/‖θ₀‖ (from this pass's own sums) is above it
+    fails the merge before anything is committed: the check costs no extra read of the models.
+
+    `existing` says what may happen to something already at `out_dir` (metamerge.outputs):
+    `refuse` (default), `replace` (an earlier metamerge output only) or `keep` (an intact
+    metamerge output stays, ours is dropped). Anything else there is never touched. The work
+    goes to a marked, locked temporary sibling; ENOSPC / EROFS / EACCES end as one WriteError
+    naming `out_dir`, with the temporary removed.
+    """
     started = time.monotonic()
     out_dir = Path(out_dir)
+    outputs.check_output(out_dir, existing)
     job = _Job(base_dir, finetunes, coefficients, plan, dtype, device, vocab)
     tensors_out = job.tensors_out
     total_bytes = sum(info.nbytes for info in tensors_out)
-    tmp_dir = _temp_sibling(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    writer = ShardedWriter(tmp_dir, tensors_out, shard_size_mb * 1024 * 1024)
+    with writing(out_dir):
+        temp = outputs.make_temp(out_dir)
+    writer = None
     try:
-        totals = _stream(job, job.pieces(tensors_out), writer, total_bytes, progress, "merge")
-        writer.finish()
-        verify_checkpoint(tmp_dir, tensors_out)
-        copy_aux_files(base_dir, tmp_dir)
-        _set_config_dtype(tmp_dir, dtype)
-        _commit(tmp_dir, out_dir)
+        with writing(out_dir):
+            writer = ShardedWriter(temp.path, tensors_out, shard_size_mb * 1024 * 1024)
+            totals = _stream(job, job.pieces(tensors_out), writer, total_bytes, progress, "merge")
+            writer.finish()
+            base_norm = math.sqrt(totals.base_sq_norm)
+            check_relative_norms({label: math.sqrt(max(float(totals.gram[i, i]), 0.0)) / base_norm if base_norm else
+                                  math.inf for i, label in enumerate(job.labels)}, max_relative_norm)
+            verify_checkpoint(temp.path, tensors_out)
+            copy_aux_files(base_dir, temp.path)
+            _set_config_dtype(temp.path, dtype)
+            outputs.commit(temp, out_dir, existing)
     except BaseException:
-        writer.abort()
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if writer is not None:
+            writer.abort()
+        temp.discard()
         raise
     merged = job.merged_count(tensors_out)
     return MergeReport(
@@ -316,11 +361,8 @@ def merge_checkpoints(
         copied_tensors=len(tensors_out) - merged, bytes_read=totals.bytes_read, bytes_written=total_bytes,
         seconds=time.monotonic() - started, gram=totals.gram.tolist(), labels=job.labels,
         delta_rounding_loss=_rounding_loss(totals.rounding_num, totals.rounding_den),
+        base_sq_norm=totals.base_sq_norm, dropped_rows=job.dropped_rows,
     )
-
-
-def _temp_sibling(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 # --- one output shard per call (scale-out: DESIGN.md §9) ------------------------------------------
@@ -348,6 +390,8 @@ class ShardReport:
     rounding_num: float
     rounding_den: float
     device: str
+    base_sq_norm: float = 0.0
+    dropped_rows: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def merge_shard(
@@ -380,10 +424,11 @@ def merge_shard(
     filename = writer.filenames[index]
     total_bytes = sum(info.nbytes for info in tensors)
     try:
-        totals = _stream(job, job.pieces(tensors), writer, total_bytes, progress, "merge-shard")
-        writer.finish()
-        verify_shard(tmp_dir / filename, tensors)
-        os.replace(tmp_dir / filename, out_dir / filename)
+        with writing(out_dir / filename):
+            totals = _stream(job, job.pieces(tensors), writer, total_bytes, progress, "merge-shard")
+            writer.finish()
+            verify_shard(tmp_dir / filename, tensors)
+            os.replace(tmp_dir / filename, out_dir / filename)
     except BaseException:
         writer.abort()
         raise
@@ -393,7 +438,8 @@ def merge_shard(
         index=index, filename=filename, path=str(out_dir / filename), tensors=len(tensors),
         merged_tensors=job.merged_count(tensors), bytes_read=totals.bytes_read, bytes_written=total_bytes,
         seconds=time.monotonic() - started, gram=totals.gram.tolist(), rounding_num=totals.rounding_num,
-        rounding_den=totals.rounding_den, device=str(job.device),
+        rounding_den=totals.rounding_den, device=str(job.device), base_sq_norm=totals.base_sq_norm,
+        dropped_rows=job.dropped_rows,
     )
 
 
@@ -405,6 +451,7 @@ def finalize_merge(
     *,
     dtype: str = "auto",
     shard_size_mb: float = 2000,
+    existing: str = "refuse",
 ) -> MergeReport:
     """Assembles merged shards into the checkpoint `merge_checkpoints` would have written.
 
@@ -420,18 +467,20 @@ def finalize_merge(
     got = sorted(report.filename for report in shards)
     if got != sorted(filenames):
         raise CheckpointError(f"finalize: shards {got} do not match the plan {filenames}")
-    tmp_dir = _temp_sibling(out_dir)
-    tmp_dir.mkdir(parents=True)
+    outputs.check_output(out_dir, existing)
+    with writing(out_dir):
+        temp = outputs.make_temp(out_dir)
     try:
-        for report in shards:
-            _link_or_copy(Path(report.path), tmp_dir / report.filename)
-        write_index(tmp_dir, planned, filenames)
-        verify_checkpoint(tmp_dir, tensors_out)
-        copy_aux_files(base_dir, tmp_dir)
-        _set_config_dtype(tmp_dir, dtype)
-        _commit(tmp_dir, out_dir)
+        with writing(out_dir):
+            for report in shards:
+                _link_or_copy(Path(report.path), temp.path / report.filename)
+            write_index(temp.path, planned, filenames)
+            verify_checkpoint(temp.path, tensors_out)
+            copy_aux_files(base_dir, temp.path)
+            _set_config_dtype(temp.path, dtype)
+            outputs.commit(temp, out_dir, existing)
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        temp.discard()
         raise
     gram = torch.zeros((len(labels), len(labels)), dtype=torch.float64)
     for report in shards:
@@ -444,6 +493,7 @@ def finalize_merge(
         bytes_written=sum(r.bytes_written for r in shards),
         seconds=sum(r.seconds for r in shards) + time.monotonic() - started, gram=gram.tolist(), labels=labels,
         delta_rounding_loss=_rounding_loss(sum(r.rounding_num for r in shards), sum(r.rounding_den for r in shards)),
+        base_sq_norm=sum(r.base_sq_norm for r in shards), dropped_rows=ordered[0].dropped_rows,
     )
 
 
@@ -463,14 +513,3 @@ def _set_config_dtype(model_dir: Path, dtype: str) -> None:
         if key in data:
             data[key] = dtype
     config.write_text(json.dumps(data, indent=2))
-
-
-def _commit(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename into place; an older output of the same name is swapped out, then removed."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-    tmp_dir.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -81,6 +81,8 @@ class MergeOptions(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     shard_size_mb: int = Field(default=2000, ge=1)
     vocab: Literal["base"] = "base"
+    # ‖τ_t‖/‖θ₀‖ above this fails the run: weights that do not descend from the base give ≥ 1
+    max_relative_norm: float | None = Field(default=0.8, gt=0, description="null disables the check")
 
 
 class Evaluation(_Strict):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metamerge.errors import InputError, RefError, TransientError
+from metamerge.outputs import TEMP_MARKER
 
 CHECKPOINT_SUFFIXES = (".safetensors",)
 _digest_lock = threading.Lock()
@@ -54,7 +55,8 @@ class DigestCache:
         cached = self._entries.get(key)
         if cached is None:
             cached = sha256_file(file)
-            self._entries[key] = cached
+            if not (file.parent / TEMP_MARKER).exists():  # a temporary's path never recurs: not worth keeping
+                self._entries[key] = cached
         return cached
 
     def save(self) -> None:
@@ -165,7 +167,7 @@ def resolve_s3(ref: str, cache_dir: Path, endpoint_url: str | None = None) -> Re
         if not (local / ".complete").exists():
             _download(client, bucket, files, local, manifest)
     except (ClientError, BotoCoreError) as exc:
-        err = _s3_error(client, f"download of {ref}", exc)
+        err = _s3_error(client, f"download of {ref}", exc, bucket)
         raise (RefError(str(err)) if isinstance(err, InputError) else err) from exc
     return ResolvedModel(ref=ref, path=local, fingerprint=fingerprint)
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metamerge.errors import InputError, TransientError
+from metamerge.outputs import OUTPUT_MARKER
 from metamerge.refs import sha256_file
-from metamerge.storage import _s3_error, parse_target, s3_client, upload_unless_present
+from metamerge.storage import _cause, _s3_error, parse_target, s3_client, upload_unless_present
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,13 @@ class SharedStore:
         try:
             upload_unless_present(client, bucket, key, Path(path), meta)
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
-            raise _s3_error(client, f"upload of {path.name} to shared storage", exc) from exc
+            raise _s3_error(client, f"upload of {path.name} to shared storage", _cause(exc), bucket) from exc
 
     def put_dir(self, folder: Path) -> None:
+        """Every file of a workdir folder, with metamerge's output marker (so a worker that fetches the
+        folder can tell it is complete) but no other hidden file."""
         for file in sorted(Path(folder).iterdir()):
-            if file.is_file() and not file.name.startswith("."):
+            if file.is_file() and (not file.name.startswith(".") or file.name == OUTPUT_MARKER):
                 self.put(file)
 
     def exists(self, path: Path) -> bool:
@@ -106,7 +109,7 @@ class SharedStore:
             keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=target.bucket, Prefix=prefix)
                     for o in page.get("Contents", [])]
         except (ClientError, BotoCoreError) as exc:
-            raise _s3_error(client, f"listing of {prefix}", exc) from exc
+            raise _s3_error(client, f"listing of {prefix}", exc, target.bucket) from exc
         if not keys:
             raise InputError(f"{folder} is neither on this machine nor in shared storage s3://{target.bucket}/{prefix}")
         tmp = folder.parent / f".{folder.name}.fetch-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -133,6 +136,6 @@ class SharedStore:
                 raise TransientError(f"s3://{bucket}/{key}: download does not match its sha256")
             tmp.replace(path)
         except (ClientError, BotoCoreError) as exc:
-            raise _s3_error(client, f"download of s3://{bucket}/{key}", exc) from exc
+            raise _s3_error(client, f"download of s3://{bucket}/{key}", exc, bucket) from exc
         finally:
             tmp.unlink(missing_ok=True)

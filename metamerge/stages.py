@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from metamerge import __version__
+from metamerge import __version__, outputs
 from metamerge import merge as engine
 from metamerge.coefficients import Coefficients, solve_constant, solve_metagpt
-from metamerge.errors import InputError, TransientError
+from metamerge.errors import InputError, TransientError, writing
 from metamerge.evaluate import EvalSpec, ScoreTable, evaluate_model, lm_eval_version
 from metamerge.gate import GateDecision, baseline_from_manifest
 from metamerge.gate import check_gate as check_gate_against
@@ -29,8 +31,8 @@ from metamerge.methods import MergePlan, plan_for
 from metamerge.recipe import Recipe, recipe_to_yaml
 from metamerge.refs import DigestCache, ResolvedModel, fingerprint_dir, resolve_ref
 from metamerge.shared import SharedStore
-from metamerge.storage import PublishResult, latest_manifest, publish_run
-from metamerge.taskvectors import TaskVectorStats, extract_stats
+from metamerge.storage import PublishResult, latest_manifest, publish_run, published_run_intact
+from metamerge.taskvectors import STATS_VERSION, TaskVectorStats, check_relative_norms, extract_stats
 
 CODE_VERSION = f"metamerge-{__version__}"
 
@@ -62,7 +64,7 @@ def ref_signature(ref: str) -> str:
 
 def stats_path(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str, workdir: Path) -> Path:
     sparsify = (plan.sparsify, plan.density, plan.seed)
-    key = short_hash(base.fingerprint, finetune.fingerprint, label, sparsify, vocab, CODE_VERSION)
+    key = short_hash(base.fingerprint, finetune.fingerprint, label, sparsify, vocab, CODE_VERSION, STATS_VERSION)
     return Path(workdir) / "stats" / f"{key}.json"
 
 
@@ -79,10 +81,9 @@ def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: Merg
         if store is not None:
             base, finetune = local_model(base, store), local_model(finetune, store)
         stats = extract_stats(base.path, finetune.path, label, plan, vocab)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        stats.save(tmp)
-        tmp.replace(out)
+        with writing(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(out, lambda tmp: stats.save(tmp))
     if store is not None:
         store.put(out)
     return out
@@ -115,6 +116,37 @@ def solve(labels: list[str], stats_files: list[Path], plan: MergePlan, method_na
     return solve_constant(labels, weight, method_name)
 
 
+def load_stats(stats_files: list[Path], store: SharedStore | None = None) -> list[TaskVectorStats]:
+    return [TaskVectorStats.load(store.ensure(Path(p)) if store else Path(p)) for p in stats_files]
+
+
+def relative_norms(stats: list[TaskVectorStats]) -> dict[str, float]:
+    """‖τ_t‖ / ‖θ₀‖ per fine-tune, over every float tensor, before any sparsification."""
+    return {s.label: s.relative_norm for s in stats}
+
+
+def dropped_vocab_rows(stats: list[TaskVectorStats]) -> dict[str, dict[str, int]]:
+    """{fine-tune: {tensor: rows}} that `vocab: base` leaves out (added tokens), only where any."""
+    return {s.label: dict(s.dropped_rows) for s in stats if s.dropped_rows}
+
+
+def check_task_vectors(recipe: Recipe, stats: list[TaskVectorStats]) -> dict[str, float]:
+    """‖τ_t‖/‖θ₀‖ per fine-tune; fails naming the fine-tune and the number above `merge.max_relative_norm`."""
+    norms = relative_norms(stats)
+    check_relative_norms(norms, recipe.merge.max_relative_norm)
+    return norms
+
+
+def vocab_summary(dropped: dict[str, dict[str, int]]) -> list[str]:
+    """One line per fine-tune that lost vocabulary rows: `fine-tune 'x': 5 rows dropped from embed, lm_head`."""
+    lines = []
+    for label, tensors in dropped.items():
+        rows = max(tensors.values())
+        lines.append(f"fine-tune {label!r}: {rows} vocabulary row(s) beyond the base's dropped (vocab: base) "
+                     f"from {', '.join(sorted(tensors))}")
+    return lines
+
+
 @dataclass(frozen=True)
 class MergeOutput:
     path: str
@@ -125,30 +157,59 @@ class MergeOutput:
 def merged_dir(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], coefficients: Coefficients) -> Path:
     """Where a merge of exactly these inputs, coefficients and options lives in the workdir."""
     key = short_hash(base.fingerprint, [f.fingerprint for f in finetunes], coefficients.to_json(),
-                     asdict(plan_for(recipe.method)), recipe.merge.model_dump(mode="json"), CODE_VERSION)
+                     asdict(plan_for(recipe.method)), recipe.merge.model_dump(mode="json", exclude={"max_relative_norm"}),
+                     CODE_VERSION)
     return Path(recipe.workdir) / "merged" / f"{recipe.name}-{key}"
 
 
-def remove_stale_temporaries(out_dir: Path) -> list[Path]:
-    """Temp folders of merges killed mid-way (their owning process is gone) are deleted."""
-    removed = []
-    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
-        removed.append(tmp)
-    return removed
-
-
-def _alive(pid: int) -> bool:
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Written under a temporary name, then renamed: readers never see half a file, a failure leaves none."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_once(path: Path, data: dict) -> dict:
+    """Creates `path` with `data` unless it exists; returns what the file holds (the first writer's data).
+
+    A merged folder's name is its content's address, so every merge of it writes the same bytes;
+    its report (timings, device) is the first one's. A re-merge that restores a damaged folder, or
+    a concurrent run of the same recipe, then publishes exactly the documents already published.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.link(tmp, path)  # atomic, and fails if the file exists
+        return data
+    except FileExistsError:
+        try:
+            return json.loads(path.read_text())
+        except ValueError:  # a report half-written by an older version: ours replaces it
+            tmp.replace(path)
+            return data
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def merge_report_path(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".report.json")
+
+
+def merge_intact(out_dir: Path) -> bool:
+    """The merged folder and its report are there, every file the merge wrote present with its size.
+
+    Folders written before outputs carried a marker count as intact when they and their report exist.
+    """
+    out_dir = Path(out_dir)
+    if not merge_report_path(out_dir).exists():
         return False
-    except PermissionError:
+    state = outputs.output_state(out_dir)
+    if state == "intact":
         return True
-    return True
+    return state == "foreign" and out_dir.is_dir() and outputs.read_output_marker(out_dir) is None
 
 
 def merge(
@@ -158,18 +219,20 @@ def merge(
     plan = plan_for(recipe.method)
     workdir = Path(recipe.workdir)
     out_dir = merged_dir(recipe, base, finetunes, coefficients)
-    report_file = out_dir.with_name(out_dir.name + ".report.json")
-    remove_stale_temporaries(out_dir)
-    if out_dir.exists() and report_file.exists():
+    report_file = merge_report_path(out_dir)
+    outputs.remove_stale_temporaries(out_dir)
+    if merge_intact(out_dir):
         report = json.loads(report_file.read_text())
     else:
+        # the folder's name is its content's address: an intact one a concurrent run committed is kept,
+        # a damaged one metamerge wrote is replaced, anything else there is refused
         result: MergeReport = merge_checkpoints(
             base.path, [(ft.label, f.path) for ft, f in zip(recipe.finetunes, finetunes, strict=True)],
             coefficients, plan, out_dir, dtype=recipe.merge.dtype, device=recipe.merge.device,
-            shard_size_mb=recipe.merge.shard_size_mb, vocab=recipe.merge.vocab, progress=progress,
+            shard_size_mb=recipe.merge.shard_size_mb, vocab=recipe.merge.vocab, progress=progress, existing="keep",
         )
-        report = result.to_dict()
-        report_file.write_text(json.dumps(report, indent=1))
+        with writing(report_file):
+            report = _write_once(report_file, result.to_dict())
     return MergeOutput(str(out_dir), fingerprint_dir(out_dir, _digests(workdir)), report)
 
 
@@ -182,15 +245,11 @@ def shard_dir(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel
     return out.with_name(out.name + ".shards")
 
 
-def merge_report_path(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".report.json")
-
-
 def merge_available(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel],
                     coefficients: Coefficients) -> bool:
     """The merged model exists here or in shared storage: its cached task results are still good."""
     out = merged_dir(recipe, base, finetunes, coefficients)
-    if out.exists() and merge_report_path(out).exists():
+    if merge_intact(out):
         return True
     store = shared_store(recipe)
     return store.uri is not None and store.exists(merge_report_path(out))
@@ -232,7 +291,7 @@ def finalize_merge(recipe: Recipe, base: ResolvedModel, finetunes: list[Resolved
     store = shared_store(recipe)
     out_dir = merged_dir(recipe, base, finetunes, coefficients)
     report_file = merge_report_path(out_dir)
-    if (out_dir.exists() and report_file.exists()) or (store.uri is not None and store.exists(report_file)):
+    if merge_intact(out_dir) or (store.uri is not None and not out_dir.exists() and store.exists(report_file)):
         store.ensure(report_file)
         store.ensure_dir(out_dir)
         report = json.loads(report_file.read_text())
@@ -243,11 +302,13 @@ def finalize_merge(recipe: Recipe, base: ResolvedModel, finetunes: list[Resolved
         for report in reports:
             store.ensure(Path(report.path))
         result = engine.finalize_merge(base.path, reports, [ft.label for ft in recipe.finetunes], out_dir,
-                                       dtype=recipe.merge.dtype, shard_size_mb=recipe.merge.shard_size_mb)
+                                       dtype=recipe.merge.dtype, shard_size_mb=recipe.merge.shard_size_mb,
+                                       existing="keep")
         report = result.to_dict()
         report["shards"] = [{k: shard[k] for k in ("index", "filename", "worker", "seconds", "bytes_written")}
                             for shard in sorted(shards, key=lambda s: s["index"])]
-        report_file.write_text(json.dumps(report, indent=1))
+        with writing(report_file):
+            report = _write_once(report_file, report)
         store.put_dir(out_dir)
         store.put(report_file)
         for shard in reports:
@@ -287,8 +348,9 @@ def evaluate(model_path: str, model_fingerprint: str, spec: EvalSpec, workdir: P
         else:
             path = store.ensure_dir(path)
     scores = evaluate_model(path, spec)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(scores, indent=1))
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out, lambda tmp: tmp.write_text(json.dumps(scores, indent=1)))
     return scores
 
 
@@ -302,10 +364,17 @@ def score_table(recipe: Recipe, base_scores: dict, finetune_scores: dict[str, di
     return ScoreTable(rows=rows, own_tasks=own, merged_label=merged_label)
 
 
-def coefficient_records(coefficients: Coefficients, plan: MergePlan) -> list[dict]:
+def coefficient_records(coefficients: Coefficients, plan: MergePlan,
+                        norms: dict[str, float] | None = None) -> list[dict]:
     level = coefficients.model_level()
-    return [{"fine-tune": task, "lambda": round(value, 6), "method": coefficients.method,
-             "granularity": coefficients.granularity, "scale": plan.scale} for task, value in level.items()]
+    norms = norms or {}
+    return [{"fine-tune": task, "lambda": round(value, 6), "relative norm ‖τ‖/‖θ₀‖": _rounded(norms.get(task)),
+             "method": coefficients.method, "granularity": coefficients.granularity, "scale": plan.scale}
+            for task, value in level.items()]
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else (round(value, 6) if math.isfinite(value) else value)
 
 
 def cosine_records(report: dict) -> list[dict]:
@@ -327,8 +396,18 @@ def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: C
     for i, model in enumerate(inputs):
         role = "base" if i == 0 else f"fine-tune {recipe.finetunes[i - 1].label}"
         lines.append(f"| {role} | `{model.ref}` | `{model.fingerprint[:16]}` |")
-    lines += ["", "## Coefficients (λ per fine-tune, model level)", "", "| fine-tune | λ |", "|---|---|"]
-    lines += [f"| {task} | {value:.4f} |" for task, value in coefficients.model_level().items()]
+    norms = merge_report.get("relative_norms") or {}
+    lines += ["", "## Coefficients (λ per fine-tune, model level)", "",
+              "‖τ‖/‖θ₀‖ is the task vector's norm relative to the base's (bound: merge.max_relative_norm "
+              f"{recipe.merge.max_relative_norm}).", "", "| fine-tune | λ | ‖τ‖/‖θ₀‖ |", "|---|---|---|"]
+    lines += [f"| {task} | {value:.4f} | {norms[task]:.4f} |" if task in norms else f"| {task} | {value:.4f} | - |"
+              for task, value in coefficients.model_level().items()]
+    dropped = merge_report.get("dropped_rows") or {}
+    if dropped:
+        lines += ["", "## Vocabulary rows dropped (vocab: base)", "", "| fine-tune | tensor | rows dropped |",
+                  "|---|---|---|"]
+        lines += [f"| {label} | {tensor} | {rows} |" for label, tensors in dropped.items()
+                  for tensor, rows in sorted(tensors.items())]
     lines += ["", "## Cosine of task vectors", "", "MetaGPT assumes near-orthogonal task vectors (off-diagonal ≈ 0).", ""]
     labels = merge_report["labels"]
     lines += ["| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
@@ -359,23 +438,61 @@ def check_gate(recipe: Recipe, normalized_average: float) -> GateDecision:
     return check_gate_against(recipe.gate, normalized_average, previous)
 
 
+def publish_documents(recipe: Recipe, documents: dict[str, str]) -> dict[str, str]:
+    """Every small document a publish carries, recipe.yaml first."""
+    return {"recipe.yaml": recipe_to_yaml(recipe), **documents}
+
+
 def publish(recipe: Recipe, merged: MergeOutput, run_id: str, documents: dict[str, str],
             normalized_average: float | None = None) -> PublishResult:
-    """Publishes the merged model plus small documents (recipe, λ, scores, report)."""
+    """Publishes the merged model plus small documents (recipe, λ, scores, report).
+
+    The documents are staged in a folder of this call's own (a marked, locked temporary under
+    `<workdir>/publish/`), so a concurrent run of the same recipe can never rewrite them between
+    this run's manifest and its upload; the folder is removed afterwards.
+    """
     assert recipe.publish is not None
     workdir = Path(recipe.workdir)
-    doc_dir = workdir / "publish" / run_id
-    doc_dir.mkdir(parents=True, exist_ok=True)
+    anchor = workdir / "publish" / run_id
+    outputs.remove_stale_temporaries(anchor, tag="stage")
     files: dict[str, Path] = {}
     merged_dir = shared_store(recipe).ensure_dir(Path(merged.path))
-    for file in sorted(p for p in merged_dir.iterdir() if p.is_file()):
+    for file in sorted(p for p in merged_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
         files[file.name] = file
-    documents = {"recipe.yaml": recipe_to_yaml(recipe), **documents}
-    for name, text in documents.items():
-        (doc_dir / name).write_text(text)
-        files[name] = doc_dir / name
-    return publish_run(files, recipe.publish.target, recipe.name, run_id, recipe.publish.endpoint_url or recipe.endpoint_url,
-                       extra={"merged_fingerprint": merged.fingerprint, "method": recipe.method.name,
-                              "normalized_average": normalized_average,
-                              "inputs": {"base": recipe.base, "finetunes": [ft.ref for ft in recipe.finetunes]}},
-                       digests=_digests(workdir))
+    with writing(anchor.parent):
+        stage = outputs.make_temp(anchor, tag="stage")
+    try:
+        with writing(stage.path):
+            for name, text in publish_documents(recipe, documents).items():
+                (stage.path / name).write_text(text)
+                files[name] = stage.path / name
+        return publish_run(files, recipe.publish.target, recipe.name, run_id,
+                           recipe.publish.endpoint_url or recipe.endpoint_url,
+                           extra={"merged_fingerprint": merged.fingerprint, "method": recipe.method.name,
+                                  "normalized_average": normalized_average,
+                                  "inputs": {"base": recipe.base, "finetunes": [ft.ref for ft in recipe.finetunes]}},
+                           digests=_digests(workdir))
+    finally:
+        stage.discard()
+
+
+def published_intact(recipe: Recipe, merged_fingerprint: str, documents: dict[str, str],
+                     run_id: str | None = None) -> str | None:
+    """The manifest URI of this very publication if it is still there, else None (publish again).
+
+    "There" means: `latest.json` of the model points at a manifest of this merge with these
+    documents (and this run id, when one was asked for), and every file that manifest lists
+    still exists with its size. A cached publish is trusted only then.
+    """
+    assert recipe.publish is not None
+    wanted = {name: hashlib.sha256(text.encode()).hexdigest()
+              for name, text in publish_documents(recipe, documents).items()}
+
+    def is_ours(manifest: dict) -> bool:
+        files = manifest.get("files", {})
+        return (manifest.get("merged_fingerprint") == merged_fingerprint
+                and (run_id is None or manifest.get("run_id") == run_id)
+                and all(files.get(name, {}).get("sha256") == digest for name, digest in wanted.items()))
+
+    return published_run_intact(recipe.publish.target, recipe.name,
+                                recipe.publish.endpoint_url or recipe.endpoint_url, is_ours)

@@ -17,8 +17,10 @@ def solve_coefficients(labels: list[str], stats_files: list[str], plan: MergePla
                        store: SharedStore | None = None) -> dict:
     """Closed-form λ; published as a table artifact so the UI shows what each fine-tune got."""
     coefficients = stages.solve(labels, [Path(p) for p in stats_files], plan, method_name, store)
-    create_table_artifact(key="merge-coefficients", table=stages.coefficient_records(coefficients, plan),
-                          description=f"λ per fine-tune ({method_name}, model level)")
+    norms = stages.relative_norms(stages.load_stats([Path(p) for p in stats_files], store))
+    create_table_artifact(key="merge-coefficients", table=stages.coefficient_records(coefficients, plan, norms),
+                          description=f"λ and relative task-vector norm ‖τ‖/‖θ₀‖ per fine-tune ({method_name}, "
+                                      "model level)")
     return {"json": coefficients.to_json()}
 
 

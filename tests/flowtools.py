@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -84,13 +85,47 @@ def bucket_keys(endpoint: str, bucket: str) -> set[str]:
 
 
 def start_flow_subprocess(recipe: dict, env_extra: dict[str, str]) -> subprocess.Popen:
-    """merge_flow in its own process (own ephemeral Prefect API), so a test can SIGKILL it."""
-    code = "import json, sys; from flows.merge_flow import merge_flow; merge_flow(json.loads(sys.argv[1]))"
+    """merge_flow in its own process (own ephemeral Prefect API), so a test can SIGKILL it.
+
+    Like the CLI, it installs the lifeline: its Prefect server does not outlive it (issue 13 #3).
+    """
+    code = ("import json, sys; from metamerge import lifeline; lifeline.install(); "
+            "from flows.merge_flow import merge_flow; merge_flow(json.loads(sys.argv[1]))")
     env = {**os.environ, **env_extra}
     env.pop("PREFECT_API_URL", None)
-    env["PREFECT_HOME"] = str(REPO / ".cache" / "prefect-subprocess-home")
+    env["PREFECT_HOME"] = SUBPROCESS_HOME
     return subprocess.Popen([sys.executable, "-c", code, json.dumps(recipe)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+SUBPROCESS_HOME = str(REPO / ".cache" / "prefect-subprocess-home")
+
+
+def tagged_processes(key: str, value: str) -> list[int]:
+    """Pids (not this one) whose environment holds KEY=VALUE: what is left of a run with that setting."""
+    needle = f"{key}={value}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            pass
+    return found
+
+
+def wait_for_no_process_of(home: str = SUBPROCESS_HOME, timeout: float = 15.0) -> float:
+    """Seconds until no process with PREFECT_HOME=home is left; fails the test after `timeout`."""
+    import time
+
+    started = time.monotonic()
+    while tagged_processes("PREFECT_HOME", home):
+        assert time.monotonic() - started < timeout, f"left running: {tagged_processes('PREFECT_HOME', home)}"
+        time.sleep(0.1)
+    return time.monotonic() - started
 
 
 def flow_artifacts(flow_run_id) -> dict[str, object]:
@@ -103,5 +138,8 @@ def flow_artifacts(flow_run_id) -> dict[str, object]:
     out: dict[str, object] = {}
     for artifact in artifacts:
         data = artifact.data
-        out[artifact.key] = json.loads(data) if isinstance(data, str) and data[:1] in "[{" else data
+        if isinstance(data, str) and data[:1] in "[{":
+            with contextlib.suppress(ValueError):  # a link artifact's markdown, `[text](url)`, stays text
+                data = json.loads(data)
+        out[artifact.key] = data
     return out

@@ -10,7 +10,14 @@ import pytest
 
 from metamerge import stages
 from metamerge.storage import latest_manifest, s3_client
-from tests.flowtools import bucket_keys, expected_task_names, start_flow_subprocess, task_states, zoo_recipe
+from tests.flowtools import (
+    bucket_keys,
+    expected_task_names,
+    start_flow_subprocess,
+    task_states,
+    wait_for_no_process_of,
+    zoo_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +123,7 @@ def _kill_at(point: str, recipe: dict, tmp_path, results) -> None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    wait_for_no_process_of()  # its ephemeral Prefect server went with it (issue 13 #3)
 
 
 def _uninterrupted_merge(recipe: dict, workdir) -> dict[str, bytes]:

@@ -89,3 +89,19 @@ def test_run_with_a_bad_recipe_is_one_line_and_exit_1(tmp_path):
     message = result.output.strip()
     assert message.startswith("error: ") and "method.density" in message
     assert "\n" not in message, message
+
+
+def test_inspect_of_a_missing_local_run_says_so(tmp_path):
+    """Issue 13 #10: not a raw `[Errno 2]`."""
+    missing = tmp_path / "pub" / "m" / "no-such-run"
+    result = runner.invoke(app, ["inspect", str(missing)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: no published run at {missing}"
+
+
+def test_inspect_of_a_missing_s3_run_says_so(s3_endpoint, bucket):
+    """Issue 13 #10: not `error: s3://…/manifest.json`."""
+    uri = f"s3://{bucket}/merges/m/no-such-run"
+    result = runner.invoke(app, ["inspect", uri, "--endpoint-url", s3_endpoint])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: no published run at {uri}"

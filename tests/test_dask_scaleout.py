@@ -53,7 +53,8 @@ def _recipe(zoo, s3_endpoint, bucket, workdir: Path, **overrides) -> dict:
 
 
 def _files(folder) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+    """The model's files (metamerge's hidden bookkeeping, e.g. its output marker, is not published)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.name.startswith(".")}
 
 
 @pytest.fixture(scope="module")

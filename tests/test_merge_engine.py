@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from metamerge.checkpoint import CheckpointReader
 from metamerge.coefficients import solve_constant, solve_metagpt
-from metamerge.errors import CheckpointError
+from metamerge.errors import CheckpointError, OutputError
 from metamerge.merge import merge_checkpoints
 from metamerge.methods import MergePlan
 from metamerge.taskvectors import extract_stats
@@ -139,12 +139,10 @@ def _folder_bytes(folder):
 def test_an_existing_output_is_replaced_atomically(tmp_path):
     base_dir, ft_dirs, base, fts = random_family(tmp_path, n_finetunes=2)
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     average = solve_constant(["ft0", "ft1"], 0.5, "average")
     merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("ft1", ft_dirs[1])], average,
                       MergePlan(weighting="uniform"), out, device="cpu")
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert (out / "model.safetensors.index.json").exists()
     good = _folder_bytes(out)
 
     # a merge that fails half-way (NaN in a late tensor) over that output leaves it as it was
@@ -155,9 +153,44 @@ def test_an_existing_output_is_replaced_atomically(tmp_path):
     write_checkpoint(tmp_path / "bad", bad)
     with pytest.raises(CheckpointError, match="'lm_head.weight' contains NaN or Inf"):
         merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("ft1", tmp_path / "bad")], average,
-                          MergePlan(weighting="uniform"), out, device="cpu")
+                          MergePlan(weighting="uniform"), out, device="cpu", existing="replace")
     assert _folder_bytes(out) == good
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []
+
+
+def test_only_an_earlier_metamerge_output_is_ever_replaced(tmp_path):
+    """Issue 13 #1: a folder metamerge did not write is never touched; its own output only when asked."""
+    from metamerge.outputs import OUTPUT_MARKER
+
+    base_dir, ft_dirs, *_ = random_family(tmp_path, n_finetunes=2)
+    args = ([("ft0", ft_dirs[0]), ("ft1", ft_dirs[1])], solve_constant(["ft0", "ft1"], 0.5, "average"),
+            MergePlan(weighting="uniform"))
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    for existing in ("refuse", "replace", "keep"):
+        with pytest.raises(OutputError, match="was not written by metamerge"):
+            merge_checkpoints(base_dir, *args, out, device="cpu", existing=existing)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "a user's file"
+    assert not list(tmp_path.glob(".merged*"))
+
+    (out / "mine.txt").unlink()  # an empty folder may receive the merge
+    merge_checkpoints(base_dir, *args, out, device="cpu")
+    assert (out / "model.safetensors.index.json").exists() and (out / OUTPUT_MARKER).exists()
+    with pytest.raises(OutputError, match="holds an earlier metamerge output; pass --replace"):
+        merge_checkpoints(base_dir, *args, out, device="cpu")
+    merge_checkpoints(base_dir, *args, out, device="cpu", existing="replace")  # its own output, when asked
+    assert (out / "model.safetensors.index.json").exists()
+    (out / "notes.txt").write_text("added by a user")  # a user's file inside an old output: refused again
+    with pytest.raises(OutputError, match="was not written by metamerge"):
+        merge_checkpoints(base_dir, *args, out, device="cpu", existing="replace")
+    assert (out / "notes.txt").exists()
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(OutputError, match="exists and is not a folder"):
+        merge_checkpoints(base_dir, *args, a_file, device="cpu", existing="replace")
+    assert a_file.read_text() == "x" and not list(tmp_path.glob(".a-file*"))
 
 
 def test_smaller_vocab_in_a_finetune_is_a_clear_error(tmp_path):

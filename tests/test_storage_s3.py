@@ -118,3 +118,66 @@ def test_two_concurrent_publishes_of_one_run_never_mix_manifests(tmp_path, s3_en
     for name, path in runs[winners[0]].items():
         body = client.get_object(Bucket=bucket, Key=f"p/m/same-run/{name}")["Body"].read()
         assert body == path.read_bytes()
+
+
+def _assert_objects_match_manifest(client, bucket, prefix):
+    """The invariant of issue 13 #9: a committed manifest never lies about an object's bytes."""
+    try:
+        manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())
+    except client.exceptions.NoSuchKey:
+        return None
+    for name, meta in manifest["files"].items():
+        body = client.get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == meta["sha256"] and len(body) == meta["size"], name
+    return manifest
+
+
+def test_an_upload_verifies_the_bytes_it_sent(tmp_path, s3_endpoint, bucket):
+    """Issue 13 #9: the file changed after it was hashed: the object is removed, not left lying."""
+    from metamerge.storage import upload_unless_present
+
+    path = tmp_path / "report.md"
+    path.write_bytes(b"A" * 100)
+    meta = {"sha256": hashlib.sha256(b"A" * 100).hexdigest(), "size": 100}
+    path.write_bytes(b"B" * 100)  # rewritten between hashing and upload (same size, as in the issue)
+    client = s3_client(s3_endpoint)
+    with pytest.raises(TransientError, match="changed while it was uploaded"):
+        upload_unless_present(client, bucket, "p/report.md", path, meta)
+    assert client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+def test_multipart_uploads_verify_their_bytes_too(tmp_path, s3_endpoint, bucket, monkeypatch):
+    from metamerge import storage
+
+    monkeypatch.setattr(storage, "MULTIPART_BYTES", 5 * 1024 * 1024)
+    monkeypatch.setattr(storage, "PART_BYTES", 5 * 1024 * 1024)
+    data = bytes(range(256)) * (11 * 4096)  # 11 MB: three parts
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    meta = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    client = s3_client(s3_endpoint)
+    assert storage.upload_unless_present(client, bucket, "p/model.safetensors", path, meta)
+    assert client.get_object(Bucket=bucket, Key="p/model.safetensors")["Body"].read() == data
+    path.write_bytes(data[::-1])
+    with pytest.raises(TransientError, match="changed while it was uploaded"):
+        storage.upload_unless_present(client, bucket, "p/other.safetensors", path, meta)
+    assert "p/other.safetensors" not in {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+
+
+def test_a_document_rewritten_during_a_publish_never_gets_a_lying_manifest(tmp_path, s3_endpoint, bucket, monkeypatch):
+    """What a concurrent run did to the shared staging folder (issue 13 #9), replayed deterministically."""
+    from metamerge import storage
+
+    files = _files(tmp_path, {"model.safetensors": b"m" * 1000, "report.md": b"run A: 1.23 s"})
+    real_build = storage.build_manifest
+
+    def build_then_other_run_rewrites(*args, **kwargs):
+        manifest = real_build(*args, **kwargs)
+        files["report.md"].write_bytes(b"run B: 4.56 s")  # same size, other bytes
+        return manifest
+
+    monkeypatch.setattr(storage, "build_manifest", build_then_other_run_rewrites)
+    client = s3_client(s3_endpoint)
+    with pytest.raises(TransientError, match="report.md changed while it was uploaded"):
+        publish_run(files, f"s3://{bucket}/p", "m", "r", endpoint_url=s3_endpoint)
+    assert _assert_objects_match_manifest(client, bucket, "p/m/r") is None  # nothing committed

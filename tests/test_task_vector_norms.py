@@ -1,0 +1,144 @@
+"""Issue 13 #8: merges that make no sense do not pass silently.
+
+- each fine-tune's relative task-vector norm ‖τ_t‖/‖θ₀‖ is reported (CLI, report.md, λ artifact),
+  and above `merge.max_relative_norm` the run fails naming the fine-tune and the number;
+- NaN/Inf in the base is blamed on the base;
+- vocabulary rows dropped under `vocab: base` are reported per fine-tune.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from metamerge.coefficients import solve_constant
+from metamerge.errors import CheckpointError
+from metamerge.merge import merge_checkpoints
+from metamerge.methods import MergePlan
+from metamerge.taskvectors import extract_stats
+from tests.helpers import random_family, write_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli_merge(recipe: dict, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", "from metamerge.cli import main; main()", "merge", str(path),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    return done, time.monotonic() - started
+
+
+def _direct_relative_norm(base_dir: Path, ft_dir: Path) -> float:
+    base = {}
+    for f in base_dir.glob("*.safetensors"):
+        base.update(load_file(str(f)))
+    ft = {}
+    for f in ft_dir.glob("*.safetensors"):
+        ft.update(load_file(str(f)))
+    floats = [k for k, v in base.items() if v.is_floating_point()]
+    tau = sum(float(((ft[k].double() - base[k].double()) ** 2).sum()) for k in floats)
+    theta = sum(float((base[k].double() ** 2).sum()) for k in floats)
+    return math.sqrt(tau / theta)
+
+
+def test_relative_norm_is_the_task_vectors_norm_over_the_bases(tmp_path):
+    base, fts, *_ = random_family(tmp_path, n_finetunes=2)
+    for i, ft in enumerate(fts):
+        stats = extract_stats(base, ft, f"ft{i}", MergePlan(sparsify="magnitude", density=0.2))
+        assert stats.relative_norm == pytest.approx(_direct_relative_norm(base, ft), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["metagpt", "task_arithmetic", "ties"])
+def test_finetunes_of_an_unrelated_init_fail_naming_the_finetune_and_the_number(tmp_path, method):
+    """metagpt checks the extracted norms before merging; the others, the merge pass's own sums before committing."""
+    base, *_ = random_family(tmp_path / "a", n_finetunes=1, seed=0)
+    _, alien_fts, *_ = random_family(tmp_path / "b", n_finetunes=2, seed=1, scale=[0.01, 0.01])
+    recipe = {"name": "m", "base": str(base), "finetunes": [str(f) for f in alien_fts], "method": method,
+              "merge": {"device": "cpu"}, "workdir": str(tmp_path / "work")}
+    done, elapsed = _cli_merge(recipe, tmp_path)
+    assert done.returncode == 1
+    expected = _direct_relative_norm(base, alien_fts[0])
+    assert expected > 1.0  # independent weights: ‖θ_t − θ₀‖ ≥ ‖θ₀‖
+    assert done.stderr.strip() == (f"error: fine-tune 'ft0': ‖τ‖/‖θ₀‖ = {expected:.3f} is above "
+                                   "merge.max_relative_norm 0.8; it does not look like a fine-tune of this base")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    print(f"{done.stderr.strip()} ({elapsed:.1f}s)")
+
+    recipe["merge"]["max_relative_norm"] = 2.0  # the bound is the recipe's
+    done, _ = _cli_merge(recipe, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f'"ft0": {round(expected, 4)}' in done.stdout and "‖τ‖/‖θ₀‖ per fine-tune" in done.stdout
+
+
+def test_nan_in_the_base_is_blamed_on_the_base(tmp_path):
+    base_dir, fts, base, _ = random_family(tmp_path, n_finetunes=2)
+    broken = dict(base)
+    broken["model.norm.weight"] = base["model.norm.weight"].clone()
+    broken["model.norm.weight"][3] = float("nan")
+    bad_base = write_checkpoint(tmp_path / "nan-base", broken)
+    with pytest.raises(CheckpointError) as info:
+        extract_stats(bad_base, fts[0], "ft0")
+    assert str(info.value) == f"base {bad_base}: tensor 'model.norm.weight' contains NaN or Inf"
+    with pytest.raises(CheckpointError) as info:
+        merge_checkpoints(bad_base, [("ft0", fts[0]), ("ft1", fts[1])], solve_constant(["ft0", "ft1"], 0.5, "average"),
+                          MergePlan(weighting="uniform"), tmp_path / "out", device="cpu")
+    assert str(info.value) == f"base {bad_base}: tensor 'model.norm.weight' contains NaN or Inf"
+    recipe = {"name": "m", "base": str(bad_base), "finetunes": [str(f) for f in fts], "merge": {"device": "cpu"},
+              "workdir": str(tmp_path / "work")}
+    done, _ = _cli_merge(recipe, tmp_path)
+    assert done.returncode == 1 and done.stderr.strip() == f"error: base {bad_base}: tensor 'model.norm.weight' contains NaN or Inf"
+
+
+def _with_added_tokens(tmp_path: Path, rows: int = 3):
+    base_dir, fts, base, ft_tensors = random_family(tmp_path / "models", n_finetunes=2)
+    grown = dict(ft_tensors[1])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown[name] = torch.cat([grown[name], torch.randn(rows, grown[name].shape[1])])
+    big = write_checkpoint(tmp_path / "models" / "big", grown)
+    return base_dir, [fts[0], big]
+
+
+def test_dropped_vocabulary_rows_are_reported_by_merge(tmp_path):
+    base_dir, fts = _with_added_tokens(tmp_path)
+    recipe = {"name": "m", "base": str(base_dir), "finetunes": [str(f) for f in fts], "merge": {"device": "cpu"},
+              "workdir": str(tmp_path / "work")}
+    done, _ = _cli_merge(recipe, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert ("fine-tune 'big': 3 vocabulary row(s) beyond the base's dropped (vocab: base) from lm_head.weight, "
+            "model.embed_tokens.weight") in done.stdout
+    assert "fine-tune 'ft0'" not in done.stdout
+
+
+def test_report_and_lambda_artifact_carry_norms_and_dropped_rows(tmp_path, prefect_api):
+    from flows.merge_flow import merge_flow
+    from tests.flowtools import flow_artifacts
+
+    base_dir, fts = _with_added_tokens(tmp_path)
+    recipe = {"name": "m", "base": str(base_dir), "finetunes": [str(f) for f in fts], "merge": {"device": "cpu"},
+              "workdir": str(tmp_path / "work"), "publish": {"target": str(tmp_path / "pub")}}
+    state = merge_flow(recipe, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    norms = summary["relative_norms"]
+    assert norms["ft0"] == pytest.approx(_direct_relative_norm(base_dir, fts[0]), rel=1e-6)
+    assert summary["dropped_rows"] == {"big": {"lm_head.weight": 3, "model.embed_tokens.weight": 3}}
+    report = (Path(summary["published"]["run_uri"]) / "report.md").read_text()
+    assert "| fine-tune | λ | ‖τ‖/‖θ₀‖ |" in report and f"| {norms['ft0']:.4f} |" in report
+    assert "## Vocabulary rows dropped (vocab: base)" in report and "| big | model.embed_tokens.weight | 3 |" in report
+    records = flow_artifacts(state.state_details.flow_run_id)["merge-coefficients"]
+    assert {r["fine-tune"]: r["relative norm ‖τ‖/‖θ₀‖"] for r in records} == pytest.approx(norms, rel=1e-5)
+    merge_report = json.loads((Path(summary["published"]["run_uri"]) / "merge_report.json").read_text())
+    assert merge_report["dropped_rows"] == summary["dropped_rows"]
