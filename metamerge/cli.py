@@ -178,11 +178,11 @@ def _write_summary(summary: dict, path: Path | None) -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    from metamerge.stages import vocab_summary
+
     typer.echo(f"\nλ per fine-tune: {json.dumps({k: round(v, 4) for k, v in summary['coefficients'].items()})}")
     if summary.get("relative_norms"):
         typer.echo(f"‖τ‖/‖θ₀‖ per fine-tune: {json.dumps({k: round(v, 4) for k, v in summary['relative_norms'].items()})}")
-    from metamerge.stages import vocab_summary
-
     for line in vocab_summary(summary.get("dropped_rows") or {}):
         typer.echo(line)
     if summary.get("scores"):

@@ -44,3 +44,32 @@ def test_cuda_equals_cpu(tmp_path, method):
     for k in outs["cpu"]:
         assert outs["cuda"][k].dtype == outs["cpu"][k].dtype, k
         torch.testing.assert_close(outs["cuda"][k].float(), outs["cpu"][k].float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_relative_norms_bound_and_base_nan(tmp_path):
+    """Issue 13 #8 on the CUDA path: the merge pass's ‖τ‖/‖θ₀‖, its bound, and NaN blamed on the base."""
+    from metamerge.errors import CheckpointError
+    from metamerge.taskvectors import extract_stats
+    from tests.helpers import write_checkpoint
+
+    base_dir, ft_dirs, base, _ = random_family(tmp_path / "fam", n_finetunes=2)
+    pairs = [("ft0", ft_dirs[0]), ("ft1", ft_dirs[1])]
+    coefficients = solve_constant(["ft0", "ft1"], 0.5, "average")
+    report = merge_checkpoints(base_dir, pairs, coefficients, MergePlan(weighting="uniform"), tmp_path / "out",
+                               device="cuda", max_relative_norm=0.8)
+    for label, path in pairs:
+        assert report.relative_norms()[label] == pytest.approx(extract_stats(base_dir, path, label).relative_norm,
+                                                               rel=1e-4)
+    _, alien, *_ = random_family(tmp_path / "alien", n_finetunes=2, seed=1, scale=[0.01, 0.01])
+    with pytest.raises(CheckpointError, match="is above merge.max_relative_norm 0.8"):
+        merge_checkpoints(base_dir, [("ft0", alien[0]), ("ft1", alien[1])], coefficients, MergePlan(weighting="uniform"),
+                          tmp_path / "alien-out", device="cuda", max_relative_norm=0.8)
+    assert not (tmp_path / "alien-out").exists()
+    broken = dict(base)
+    broken["model.norm.weight"] = base["model.norm.weight"].clone()
+    broken["model.norm.weight"][2] = float("inf")
+    bad = write_checkpoint(tmp_path / "bad", broken)
+    with pytest.raises(CheckpointError) as info:
+        merge_checkpoints(bad, pairs, coefficients, MergePlan(weighting="uniform"), tmp_path / "nan-out", device="cuda")
+    assert str(info.value) == f"base {bad}: tensor 'model.norm.weight' contains NaN or Inf"
