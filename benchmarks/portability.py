@@ -112,7 +112,7 @@ def main() -> None:
         results.setdefault("capabilities", {})[capability] = run_capability(capability, not args.no_tests)
         args.out.write_text(json.dumps(results, indent=1) + "\n")  # after each: a long run keeps its progress
         print(json.dumps(results["capabilities"][capability].get("quality_tests", {}).get("results", {}), indent=1))
-    print(f"wrote {args.out.relative_to(REPO)}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
