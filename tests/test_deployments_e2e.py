@@ -68,6 +68,7 @@ def test_watch_event_triggers_a_merge_and_the_ui_shows_it(zoo, s3_endpoint, buck
     worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115
     worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "metamerge"], env=env, cwd=REPO,
                               stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker_log.close()  # the child has its own descriptor
     prefect_server["processes"].append(worker)
 
     from prefect.client.orchestration import get_client
@@ -119,12 +120,16 @@ def test_watch_event_triggers_a_merge_and_the_ui_shows_it(zoo, s3_endpoint, buck
 
         done = _wait(second_watch_done, 180, "the second watch run", step=2)
         assert all(r.state.is_completed() for r in done)
-        # the event log, not a sleep: once the second watch run's process has exited (its events are
-        # drained on exit) and the server has recorded its end, the log holds every event it emitted
+        # the event log, not a sleep: the worker reports `executed-flow-run` once the second watch
+        # run's process has exited, and that process drains its own events (any discovery) on exit
         second = max(done, key=lambda r: r.start_time)
-        _wait(lambda: _events(prefect_server["api"], ["prefect.flow-run.Completed"], [f"prefect.flow-run.{second.id}"]),
-              60, "the second watch run's Completed event")
-        _wait(lambda: _worker_finished(tmp_path / "worker.log", 3), 60, "the worker to see three runs exit")
+
+        def executed():
+            events = _events(prefect_server["api"], ["prefect.worker.executed-flow-run"])
+            return [e for e in events if any(r["prefect.resource.id"] == f"prefect.flow-run.{second.id}"
+                                             for r in e.get("related", []))]
+
+        _wait(executed, 60, "the worker's executed-flow-run event of the second watch run")
         assert len(_events(prefect_server["api"], ["model.finetune.discovered"])) == 1
         assert len(_events(prefect_server["api"], ["prefect.automation.action.executed"])) == 1  # one run started
         assert len(merge_runs()) == 1
@@ -145,18 +150,13 @@ def _events(api: str, names: list[str], resource_ids: list[str] | None = None) -
     """Events of these names (last day) from the server's event log, through its REST API."""
     import urllib.request
 
-    body: dict = {"filter": {"event": {"name": names}}, "limit": 200}
+    body: dict = {"filter": {"event": {"name": names}}, "limit": 50}  # the most one page holds
     if resource_ids:
         body["filter"]["resource"] = {"id": resource_ids}
     request = urllib.request.Request(f"{api}/events/filter", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())["events"]
-
-
-def _worker_finished(log: Path, runs: int) -> bool:
-    """The process worker logs one line per flow-run process that has exited."""
-    return log.read_text().count("exited") >= runs
 
 
 def _ui_check(ui: str, flow_run_id, tmp_path: Path) -> None:
@@ -220,6 +220,7 @@ def test_serve_py_runs_the_schedule_watch_and_trigger_in_one_process(tmp_path, p
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     served = subprocess.Popen([sys.executable, "deployments/serve.py"], cwd=REPO, env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()  # the child has its own descriptor
     prefect_server["processes"].append(served)
 
     with temporary_settings({PREFECT_API_URL: prefect_server["api"]}), get_client(sync_client=True) as api:

@@ -79,17 +79,14 @@ def test_flow_survives_a_flaky_endpoint_and_fails_cleanly_on_a_dead_one(s3_endpo
 def test_bad_input_is_not_retried(tmp_path, zoo, s3_endpoint, bucket, prefect_api):
     """A deterministic error fails at once: one attempt of the task, not NETWORK_RETRIES."""
     from flows.merge_flow import merge_flow
+    from tests.flowtools import task_runs
 
     recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", base=str(tmp_path / "missing"))
     state = merge_flow(recipe, return_state=True)
     assert state.is_failed()
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-        resolve_base = [r for r in runs if r.name == f"resolve {tmp_path / 'missing'}"]
-        assert resolve_base and resolve_base[0].run_count == 1
+    name = f"resolve {tmp_path / 'missing'}"
+    resolve_base = {r.name: r for r in task_runs(state.state_details.flow_run_id, expect={name})}[name]
+    assert resolve_base.state.is_failed() and resolve_base.run_count == 1
 
 
 RETRY_PROBE = """
