@@ -42,10 +42,11 @@ def test_gate_refuses_a_regression_and_a_low_score_and_publishes_nothing(zoo, s3
     assert scores["merged (task_arithmetic)"]["avg_norm"] < summary["normalized_average"]
     assert "Quality gate: FAILED, not published" in artifacts["merge-report"]
 
-    # a floor no merge reaches: the same merge that passed above now fails, and is not re-published
-    strict = {**recipe, "gate": {"min_avg_norm": 0.999}}
+    # a floor alone (no regression check): the near-base merge is far below it, and is not published
+    strict = {**worse, "gate": {"min_avg_norm": 0.999}}
     state = merge_flow(strict, return_state=True)
     assert state.is_failed() and "vs minimum 0.9990" in state.message
     assert bucket_keys(s3_endpoint, bucket) == published_keys
-    assert flow_artifacts(state.state_details.flow_run_id)["quality-gate"] == [{"check": f"normalized average {summary['normalized_average']:.4f} vs minimum 0.9990",
-                       "result": "fail"}]
+    worse_norm = scores["merged (task_arithmetic)"]["avg_norm"]
+    assert flow_artifacts(state.state_details.flow_run_id)["quality-gate"] == [
+        {"check": f"normalized average {worse_norm:.4f} vs minimum 0.9990", "result": "fail"}]
