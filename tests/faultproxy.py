@@ -2,7 +2,8 @@
 
 Clients point `endpoint_url` at the proxy; it forwards requests verbatim to the upstream
 server, except that the first `fail_first` requests (or all, when `always`) are answered
-with an HTTP error or a dropped connection. Every request is counted and logged (method, path),
+with an HTTP error or a dropped connection (`match` limits the faults to some requests, e.g.
+one S3 operation). Every request is counted and logged (method, path),
 so tests can check how often and in which order a client called. This is the one place tests fake anything, and
 it fakes only the network, not S3.
 """
@@ -11,15 +12,19 @@ from __future__ import annotations
 
 import http.client
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, fail_first: int = 0, mode: str = "500", always: bool = False):
+    def __init__(self, upstream: str, fail_first: int = 0, mode: str = "500", always: bool = False,
+                 match: Callable[[str, str], bool] | None = None):
         self.upstream = urlsplit(upstream)
         self.fail_first, self.mode, self.always = fail_first, mode, always
+        self.match = match  # which requests (method, path) the faults apply to; None: every request
         self.requests = 0
+        self.matched = 0
         self.faults = 0
         self.log: list[tuple[str, str]] = []  # (method, path) of every request, in arrival order
         self._lock = threading.Lock()
@@ -37,7 +42,9 @@ class FaultProxy:
                 with proxy._lock:
                     proxy.requests += 1
                     proxy.log.append((self.command, self.path))
-                    fail = proxy.always or proxy.requests <= proxy.fail_first
+                    eligible = proxy.match is None or proxy.match(self.command, self.path)
+                    proxy.matched += eligible
+                    fail = eligible and (proxy.always or proxy.matched <= proxy.fail_first)
                     if fail:
                         proxy.faults += 1
                 if fail:

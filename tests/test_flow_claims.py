@@ -26,6 +26,9 @@ from tests.helpers import random_family, write_checkpoint
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
+SMALL = [0.05, 0.1, 0.15]  # task vectors well under merge.max_relative_norm, like real fine-tunes
+
+
 def _recipe(tmp_path, base: str, finetunes: list[tuple[str, str]], **overrides) -> dict:
     recipe = {"name": "small", "base": base, "method": {"name": "metagpt"},
               "finetunes": [{"ref": ref, "name": name} for name, ref in finetunes],
@@ -35,7 +38,7 @@ def _recipe(tmp_path, base: str, finetunes: list[tuple[str, str]], **overrides) 
 
 
 def _family_recipe(tmp_path, **overrides) -> tuple[dict, tuple]:
-    family = random_family(tmp_path / "models")
+    family = random_family(tmp_path / "models", scale=SMALL)
     base_dir, ft_dirs, _, _ = family
     return _recipe(tmp_path, str(base_dir), [(f"ft{i}", str(d)) for i, d in enumerate(ft_dirs)], **overrides), family
 
@@ -50,10 +53,11 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
 # --- deterministic errors: one attempt, one line, nothing published ---------------------------------
 
 
-@pytest.mark.parametrize("fault", ["shape", "nan", "missing-bucket"])
-def test_deterministic_errors_are_never_retried(tmp_path, s3_endpoint, bucket, fault):
+@pytest.mark.parametrize("fault", ["shape", "nan", "bucket-deleted"])
+def test_deterministic_errors_are_never_retried(tmp_path, s3_endpoint, bucket, fault, monkeypatch):
     """README: shape mismatch, NaN and a missing bucket fail at once with one line, never retried."""
     from flows.merge_flow import merge_flow
+    from metamerge import stages
 
     recipe, (base_dir, ft_dirs, base, fts) = _family_recipe(tmp_path)
     name = "model.layers.1.self_attn.q_proj.weight"
@@ -66,9 +70,19 @@ def test_deterministic_errors_are_never_retried(tmp_path, s3_endpoint, bucket, f
         poisoned[2, 3] = float("nan")
         bad = {**fts[1], name: poisoned}
         message = rf"'{name}' contains NaN or Inf"
-    else:
-        bad, target, failing = None, "s3://no-such-bucket-x/merges", "publish"
-        message = "S3 publish at .*: NoSuchBucket 'no-such-bucket-x'"
+    else:  # the bucket passes the preflight, then is gone when the publish task runs
+        gone = f"{bucket}-gone"
+        s3_client(s3_endpoint).create_bucket(Bucket=gone)
+        real = stages.publish
+
+        def publish_after_the_bucket_went(*args, **kwargs):  # the fault, injected between preflight and publish
+            if gone in {b["Name"] for b in s3_client(s3_endpoint).list_buckets()["Buckets"]}:
+                s3_client(s3_endpoint).delete_bucket(Bucket=gone)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(stages, "publish", publish_after_the_bucket_went)
+        bad, target, failing = None, f"s3://{gone}/merges", "publish"
+        message = f"S3 publish at .*: NoSuchBucket '{gone}'"
     if bad is not None:
         recipe["finetunes"][1]["ref"] = str(write_checkpoint(tmp_path / "bad", bad))
     with FaultProxy(s3_endpoint) as proxy:
@@ -81,11 +95,29 @@ def test_deterministic_errors_are_never_retried(tmp_path, s3_endpoint, bucket, f
     runs = {run.name: run for run in task_runs(state.state_details.flow_run_id, expect={failing})}
     assert runs[failing].state.is_failed()
     assert runs[failing].run_count == 1, f"{failing} ran {runs[failing].run_count} times"
-    if fault == "missing-bucket":
-        assert proxy.log == [("HEAD", "/no-such-bucket-x")]  # one publish attempt, one request
+    assert not [request for request in proxy.log if request[0] == "PUT"]
+    if fault == "bucket-deleted":
+        heads = [request for request in proxy.log if request[0] == "HEAD"]
+        assert heads == [("HEAD", f"/{gone}")]  # one publish attempt, one HeadBucket
     else:
-        assert "publish" not in runs and proxy.requests == 0
+        assert "publish" not in runs
     assert bucket_keys(s3_endpoint, bucket) == set()
+
+
+def test_a_missing_bucket_fails_the_preflight_with_one_request(tmp_path, s3_endpoint):
+    """A publish target whose bucket does not exist stops the run before any task, after one request."""
+    from flows.merge_flow import merge_flow
+
+    recipe, _ = _family_recipe(tmp_path)
+    with FaultProxy(s3_endpoint) as proxy:
+        recipe["publish"] = {"target": "s3://no-such-bucket-x/merges", "endpoint_url": proxy.endpoint}
+        state = merge_flow(recipe, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="NoSuchBucket 'no-such-bucket-x'") as info:
+        state.result()
+    assert "\n" not in str(info.value)
+    assert len(proxy.log) == 1 and proxy.log[0][1].startswith("/no-such-bucket-x/"), proxy.log
+    assert task_runs(state.state_details.flow_run_id, timeout=3) == []
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
@@ -142,9 +174,10 @@ def test_merge_progress_artifact_climbs_to_100(tmp_path, monkeypatch):
 
 
 def _fingerprint(folder: Path) -> str:
-    """The merged model's content fingerprint, written out here: sha256 over (name, size, sha256) per file."""
+    """The merged model's content fingerprint, written out here: sha256 over (name, size, sha256) per file
+    (hidden bookkeeping files excluded)."""
     outer = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         rel = file.relative_to(folder).as_posix()
         outer.update(f"{rel}\0{file.stat().st_size}\0{hashlib.sha256(file.read_bytes()).hexdigest()}\n".encode())
     return outer.hexdigest()
