@@ -100,13 +100,17 @@ def test_missing_tensor_is_named(tmp_path):
         extract_stats(base_dir, tmp_path / "bad", "bad")
 
 
+def _write_with_nan(folder, tensors: dict, name: str, index: tuple[int, int]) -> None:
+    """A copy of `tensors` with one NaN in `name`, written as a checkpoint at `folder`."""
+    bad = dict(tensors)
+    bad[name] = bad[name].clone()
+    bad[name][index] = float("nan")
+    write_checkpoint(folder, bad)
+
+
 def test_nan_in_finetune_fails_in_extraction_and_merge(tmp_path):
     base_dir, ft_dirs, base, fts = random_family(tmp_path)
-    bad = dict(fts[0])
-    t = bad["model.layers.1.self_attn.q_proj.weight"].clone()
-    t[3, 4] = float("nan")
-    bad["model.layers.1.self_attn.q_proj.weight"] = t
-    write_checkpoint(tmp_path / "bad", bad)
+    _write_with_nan(tmp_path / "bad", fts[0], "model.layers.1.self_attn.q_proj.weight", (3, 4))
     with pytest.raises(CheckpointError, match="'model.layers.1.self_attn.q_proj.weight' contains NaN or Inf"):
         extract_stats(base_dir, tmp_path / "bad", "bad")
     out = tmp_path / "merged"
@@ -146,11 +150,7 @@ def test_an_existing_output_is_replaced_atomically(tmp_path):
     good = _folder_bytes(out)
 
     # a merge that fails half-way (NaN in a late tensor) over that output leaves it as it was
-    bad = dict(fts[1])
-    nan = bad["lm_head.weight"].clone()
-    nan[5, 5] = float("nan")
-    bad["lm_head.weight"] = nan
-    write_checkpoint(tmp_path / "bad", bad)
+    _write_with_nan(tmp_path / "bad", fts[1], "lm_head.weight", (5, 5))
     with pytest.raises(CheckpointError, match="'lm_head.weight' contains NaN or Inf"):
         merge_checkpoints(base_dir, [("ft0", ft_dirs[0]), ("ft1", tmp_path / "bad")], average,
                           MergePlan(weighting="uniform"), out, device="cpu", existing="replace")
