@@ -91,6 +91,7 @@ def quiet_stderr(log_path: Path, verbose: bool) -> Iterator[Path | None]:
     if verbose:
         yield None
         return
+    env_before = {key: os.environ.get(key) for key in QUIET_ENV}
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
@@ -123,6 +124,11 @@ def quiet_stderr(log_path: Path, verbose: bool) -> Iterator[Path | None]:
             handler.setLevel(level)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        for key, value in env_before.items():  # an in-process caller (a test) gets its environment back
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _prefect_console_handlers() -> list[tuple[logging.Handler, int]]:
