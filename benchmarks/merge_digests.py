@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from merge_throughput import SIZES, build_family
 
 ROOT = Path(__file__).resolve().parent

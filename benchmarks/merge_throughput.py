@@ -132,7 +132,9 @@ def io_floor(inputs: list[Path], out_dir: Path) -> float:
 
 
 def ours(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path, device: str = "cpu") -> float:
-    from metamerge import stages
+    from metamerge.pipeline.extract import extract
+    from metamerge.pipeline.inputs import resolve
+    from metamerge.pipeline.solve import solve
     from metamerge.recipe import parse_recipe
 
     recipe = parse_recipe({
@@ -140,15 +142,15 @@ def ours(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path, de
         "finetunes": [{"ref": str(p), "name": p.name} for p in fts],
         "merge": {"device": device, "shard_size_mb": 1000}, "workdir": str(work / "wd"),
     })
-    from metamerge.merge import merge_checkpoints
-    from metamerge.methods import plan_for
+    from metamerge.engine.merge import merge_checkpoints
+    from metamerge.methods.registry import plan_for
 
     plan = plan_for(recipe.method)
-    rb = stages.resolve(str(base), work / "wd")
-    rfs = [stages.resolve(str(p), work / "wd") for p in fts]
+    rb = resolve(str(base), work / "wd")
+    rfs = [resolve(str(p), work / "wd") for p in fts]
     started = time.perf_counter()
-    stats = [stages.extract(rb, f, f.path.name, plan, "base", work / "wd") for f in rfs] if plan.needs_norms else []
-    coefficients = stages.solve([p.name for p in fts], stats, plan, method)
+    stats = [extract(rb, f, f.path.name, plan, "base", work / "wd") for f in rfs] if plan.needs_norms else []
+    coefficients = solve([p.name for p in fts], stats, plan, method)
     merge_checkpoints(base, [(p.name, p) for p in fts], coefficients, plan, out_dir, device=device, shard_size_mb=1000)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -219,7 +221,7 @@ def ours_process(base: Path, fts: list[Path], method: str, out_dir: Path, work: 
 
 def max_abs_diff(ours_dir: Path, theirs_dir: Path) -> float:
     """Same inputs, same method: our output against mergekit's, tensor by tensor."""
-    from metamerge.checkpoint import CheckpointReader
+    from metamerge.engine.checkpoint import CheckpointReader
 
     ours_r, theirs_r = CheckpointReader(ours_dir), CheckpointReader(theirs_dir)
     worst = 0.0

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "benchmarks" / "work" / "portability"
 BUILD_LLM_ZOO = (
-    "import json, sys; from pathlib import Path; from metamerge.llm_zoo import build_llm_zoo; "
+    "import json, sys; from pathlib import Path; from metamerge.demo.llm_zoo import build_llm_zoo; "
     "zoo = build_llm_zoo(Path(sys.argv[1]), log=lambda m: None); print(json.dumps(zoo.contract))"
 )
 

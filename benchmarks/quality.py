@@ -1,4 +1,4 @@
-"""Paper-style quality comparison of every merge method (issue #7, DESIGN.md §6).
+"""Paper-style quality comparison of every merge method (issue #7, docs/design.md §6).
 
     python benchmarks/quality.py              # the tiny zoo  -> benchmarks/results/quality.{json,md,png}
     python benchmarks/quality.py --zoo llm    # SmolLM2-135M  -> benchmarks/results/quality_llm.{json,md,png}
@@ -20,9 +20,9 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from metamerge.cli import demo_recipe, llm_comparison, prepare_environment, run_comparison
-    from metamerge.quality import DEFAULT_METHODS
-    from metamerge.zoo_contract import cpu_capability
+    from metamerge.demo.contract import cpu_capability
+    from metamerge.evaluation.compare import DEFAULT_METHODS
+    from metamerge_prefect.cli import demo_recipe, llm_comparison, prepare_environment, run_comparison
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", choices=("tiny", "llm"), default="tiny")
@@ -38,7 +38,7 @@ def main() -> None:
     if args.zoo == "llm":
         comparison, paths = llm_comparison(REPO / ".cache" / "llm-zoo", work, methods, args.out, "quality_llm")
     else:
-        from metamerge.zoo import build_zoo
+        from metamerge.demo.zoo import build_zoo
 
         recipe = demo_recipe(build_zoo(REPO / ".cache" / "zoo"), None, work, name="zoo")
         comparison = run_comparison(recipe, methods)

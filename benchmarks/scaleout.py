@@ -46,21 +46,21 @@ def _shard_task(base: str, fts: list, method: str, out: str, index: int, shard_m
     """Runs on a worker: the core engine only."""
     from dataclasses import asdict
 
-    from metamerge.coefficients import solve_constant
-    from metamerge.merge import merge_shard
-    from metamerge.methods import MergePlan
+    from metamerge.engine.coefficients import solve_constant
+    from metamerge.engine.shards import merge_shard_file
+    from metamerge.methods.plan import MergePlan
 
     plan = MergePlan(**METHODS[method])
     coefficients = solve_constant(LABELS, plan.weight, method)
-    report = merge_shard(Path(base), [(label, Path(p)) for label, p in fts], coefficients, plan, Path(out), index,
+    report = merge_shard_file(Path(base), [(label, Path(p)) for label, p in fts], coefficients, plan, Path(out), index,
                          device="cpu", shard_size_mb=shard_mb)
     return {**asdict(report), "pid": os.getpid()}
 
 
 def local_run(base: Path, fts: list[Path], method: str, out: Path, shard_mb: float) -> float:
-    from metamerge.coefficients import solve_constant
-    from metamerge.merge import merge_checkpoints
-    from metamerge.methods import MergePlan
+    from metamerge.engine.coefficients import solve_constant
+    from metamerge.engine.merge import merge_checkpoints
+    from metamerge.methods.plan import MergePlan
 
     shutil.rmtree(out, ignore_errors=True)
     plan = MergePlan(**METHODS[method])
@@ -71,7 +71,7 @@ def local_run(base: Path, fts: list[Path], method: str, out: Path, shard_mb: flo
 
 
 def dask_run(client, base: Path, fts: list[Path], method: str, out: Path, staged: Path, shard_mb: float) -> tuple[float, int]:
-    from metamerge.merge import ShardReport, finalize_merge, output_shard_files
+    from metamerge.engine.shards import ShardReport, assemble_shard_files, output_shard_files
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(staged, ignore_errors=True)
@@ -84,7 +84,7 @@ def dask_run(client, base: Path, fts: list[Path], method: str, out: Path, staged
     results = client.gather(futures)
     names = {f.name for f in fields(ShardReport)}
     reports = [ShardReport(**{k: v for k, v in r.items() if k in names}) for r in results]
-    finalize_merge(base, reports, LABELS, out, shard_size_mb=shard_mb)
+    assemble_shard_files(base, reports, LABELS, out, shard_size_mb=shard_mb)
     elapsed = time.perf_counter() - started
     return elapsed, len({r["pid"] for r in results})
 
@@ -105,7 +105,7 @@ def main() -> None:
     import torch
     from distributed import Client, LocalCluster
 
-    from metamerge.merge import output_shard_files
+    from metamerge.engine.shards import output_shard_files
 
     dims = SIZES[args.size]
     base, fts = build_family(args.work, dims)

@@ -1,1 +1,1 @@
-"""Prefect deployments (nightly schedule, new-fine-tune trigger): see deployments/README.md."""
+"""Prefect deployments (nightly schedule, new-fine-tune trigger), installed as `metamerge_prefect.deployments`."""

@@ -10,17 +10,13 @@ outlives this process: delete it (`prefect automation delete ...`) when retiring
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from prefect import serve
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+from prefect.schedules import Cron, Interval
 
-from prefect import serve  # noqa: E402
-from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger  # noqa: E402
-from prefect.schedules import Cron, Interval  # noqa: E402
-
-from flows.merge_flow import merge_flow  # noqa: E402
-from flows.watch_flow import EVENT, watch_flow  # noqa: E402
+from metamerge_prefect.flows.merge_flow import merge_flow
+from metamerge_prefect.flows.watch_flow import EVENT, watch_flow
 
 
 def build_deployments(recipe: str, registry: str, timezone: str = "UTC", cron: str = "0 2 * * *", watch_every_s: int = 900):

@@ -1,1 +1,1 @@
-"""Prefect flows: `merge_flow` is the DAG of DESIGN.md §3."""
+"""Prefect flows (installed as `metamerge_prefect.flows`): `merge_flow` is the DAG of docs/design.md §3."""

@@ -1,4 +1,4 @@
-"""compare_flow: the same recipe merged with every method, one scored table (DESIGN.md §6).
+"""compare_flow: the same recipe merged with every method, one scored table (docs/design.md §6).
 
 Each method is a `merge_flow` subflow over the same cached pipeline, so the base and the
 fine-tunes are resolved, extracted and scored once, and only the merges and their
@@ -13,15 +13,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.merge_flow import load, merge_flow
 from metamerge import progress
-from metamerge.quality import DEFAULT_METHODS, Comparison, method_label, parse_method
+from metamerge.evaluation.compare import DEFAULT_METHODS, Comparison, method_label, parse_method
+from metamerge.recipe import load_any
+from metamerge_prefect.flows.merge_flow import merge_flow
 
 
 @flow(name="metagpt-compare", log_prints=True)
 def compare_flow(recipe: str | dict[str, Any], methods: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
     logger = get_run_logger()
-    rec = load(recipe)
+    rec = load_any(recipe)
     chosen = [parse_method(spec, seed) for spec in (methods or DEFAULT_METHODS)]
     runs: dict[str, dict[str, Any]] = {}
     for method in chosen:

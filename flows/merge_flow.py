@@ -1,67 +1,47 @@
-"""merge_flow: resolve → extract (per fine-tune, concurrent) → solve → merge → evaluate → publish.
+"""merge_flow: resolve → extract (per fine-tune, concurrent) → solve → merge → evaluate → gate → publish.
 
 Every stage is a cached task keyed by content fingerprints (tasks/caching.py): a nightly run
 with nothing new finishes in seconds with every stage `Cached`; one new fine-tune re-runs
-only its extraction and what depends on the merge.
+only its extraction and what depends on the merge. This module only wires tasks together:
+what a stage does, when its cached output is stale and what the report says live in
+`metamerge.pipeline`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.scaleout import merge_by_shard, on_dask, run_on_dask
-from metamerge import progress, stages
-from metamerge.errors import TransientError
-from metamerge.methods import plan_for
-from metamerge.preflight import check_disk, merge_disk_needs, preflight
-from metamerge.recipe import Recipe, load_recipe, parse_recipe
-from metamerge.registry import entry_for_ref, extend_recipe
-from tasks.evaluate import evaluate_model
-from tasks.extract import extract_task_vector
-from tasks.gate import check_quality_gate
-from tasks.merge import merge_models
-from tasks.publish import publish_model
-from tasks.resolve import resolve_model
-from tasks.result_storage import result_storage_for
-from tasks.solve import coefficients_of, solve_coefficients
-
-
-def load(recipe: str | dict[str, Any] | Recipe) -> Recipe:
-    """A path (CLI, deployments) or a mapping (event triggers, API calls) or a Recipe."""
-    if isinstance(recipe, Recipe):
-        return recipe
-    if isinstance(recipe, dict):
-        return parse_recipe(recipe, "<parameters>").resolve_paths(Path.cwd())
-    return load_recipe(recipe)
-
-
-def publish_cached_only_if_intact(publish_task, rec: Recipe, merged: stages.MergeOutput, run_id: str,
-                                  asked_run_id: str | None, documents: dict[str, str],
-                                  normalized_average: float | None) -> dict[str, Any]:
-    """The publish task, whose cached result is trusted only while what it claims is still stored.
-
-    Before the call: is the publication still there (latest.json → a manifest of this merge and
-    these documents → every listed object present)? If not, the cache is refreshed and the
-    publish really runs (idempotent: objects still there are skipped). After a cache hit, its
-    manifest must be the one just checked; a result cached elsewhere that points at another run
-    is not trusted either. Validation rather than a key that folds in existence: the published
-    location depends on the cached result itself (its run id carries the day it was made), and
-    a key that changes whenever objects vanish would leave stale entries that match again later.
-    """
-    try:
-        intact = stages.published_intact(rec, merged.fingerprint, documents, asked_run_id)
-    except TransientError:
-        intact = None  # cannot tell: publish again (the task retries, uploads are idempotent)
-    args = (rec, merged, run_id, documents, normalized_average)
-    published = publish_task.with_options(refresh_cache=intact is None)(*args)
-    if intact is not None and published["manifest_uri"] != intact:
-        published = publish_task.with_options(refresh_cache=True)(*args)
-    return published
+from metamerge import progress
+from metamerge.methods.registry import plan_for
+from metamerge.pipeline.evaluate import eval_spec, score_table
+from metamerge.pipeline.extract import (
+    check_task_vectors,
+    dropped_vocab_rows,
+    load_stats,
+    stats_available,
+    vocab_summary,
+)
+from metamerge.pipeline.finetunes import entry_for_ref, extend_recipe
+from metamerge.pipeline.inputs import shared_store
+from metamerge.pipeline.keys import run_id_for
+from metamerge.pipeline.merge import merge_available
+from metamerge.pipeline.preflight import preflight
+from metamerge.pipeline.report import cosine_records, report_inputs, report_markdown, run_documents
+from metamerge.recipe import load_any
+from metamerge_prefect.flows.scaleout import merge_by_shard, on_dask, run_on_dask
+from metamerge_prefect.tasks.evaluate import evaluate_model
+from metamerge_prefect.tasks.extract import extract_task_vector
+from metamerge_prefect.tasks.gate import check_quality_gate
+from metamerge_prefect.tasks.merge import merge_models
+from metamerge_prefect.tasks.payloads import coefficients_of
+from metamerge_prefect.tasks.publish import publish_model, publish_unless_intact
+from metamerge_prefect.tasks.resolve import resolve_model
+from metamerge_prefect.tasks.result_storage import result_storage_for
+from metamerge_prefect.tasks.solve import solve_coefficients
 
 
 @flow(name="metagpt-merge", log_prints=True)
@@ -70,7 +50,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     """`finetune_refs` (from a `model.finetune.discovered` event) extends the recipe's fine-tunes."""
     logger = get_run_logger()
     clock = progress.StageClock()
-    rec = load(recipe)
+    rec = load_any(recipe)
     if finetune_refs:
         rec = extend_recipe(rec, [entry_for_ref(ref, rec.endpoint_url) for ref in finetune_refs])
     if rec.runner.kind == "dask" and not on_dask():
@@ -81,7 +61,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     for warning in (c for c in checks if c.startswith("warning: ")):
         logger.warning(warning.removeprefix("warning: "))
     logger.info("preflight passed: %s", "; ".join(c for c in checks if not c.startswith("warning: ")))
-    store = stages.shared_store(rec) if dask else None
+    store = shared_store(rec) if dask else None
     storage = result_storage_for(rec.results, rec.endpoint_url)
     opts = {"result_storage": storage} if storage is not None else {}
     resolve_task, extract_task, solve_task, merge_task, evaluate_task, publish_task = (
@@ -100,18 +80,18 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     logger.info("resolved base %s and %d fine-tunes", base.fingerprint[:12], len(finetunes))
 
     with clock.stage("extract"):
-        stats_futures = []
-        for ft, label in zip(finetunes, labels, strict=True):
-            stats = stages.stats_path(base, ft, label, plan, rec.merge.vocab, workdir)
-            missing = not (store.exists(stats) if store else stats.exists())
-            extract = extract_task.with_options(refresh_cache=missing)
-            stats_futures.append(extract.submit(base, ft, label, plan, rec.merge.vocab, workdir, store))
+        stats_futures = [
+            extract_task.with_options(
+                refresh_cache=not stats_available(base, ft, label, plan, rec.merge.vocab, workdir, store)
+            ).submit(base, ft, label, plan, rec.merge.vocab, workdir, store)
+            for ft, label in zip(finetunes, labels, strict=True)
+        ]
         stats_files = [f.result() for f in stats_futures]
-    stats = stages.load_stats(stats_files, store)
-    norms = stages.check_task_vectors(rec, stats)  # fails naming a "fine-tune" that is no fine-tune of the base
-    dropped = stages.dropped_vocab_rows(stats)
+    stats = load_stats(stats_files, store)
+    norms = check_task_vectors(rec, stats)  # fails naming a "fine-tune" that is no fine-tune of the base
+    dropped = dropped_vocab_rows(stats)
     logger.info("‖τ‖/‖θ₀‖: %s", {k: round(v, 4) for k, v in norms.items()})
-    for line in stages.vocab_summary(dropped):
+    for line in vocab_summary(dropped):
         logger.warning(line)
     with clock.stage("solve"):
         solved = solve_task(labels, stats_files, plan, rec.method.name, store)
@@ -119,15 +99,12 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     logger.info("λ: %s", {k: round(v, 4) for k, v in coefficients.model_level().items()})
 
     with clock.stage("merge"):
+        refresh = not merge_available(rec, base, finetunes, coefficients)
         if dask:  # one task per output shard, spread over the workers; then a small finalize task
-            missing = not stages.merge_available(rec, base, finetunes, coefficients)
-            merged = merge_by_shard(rec, base, finetunes, solved, opts, refresh=missing)
+            merged = merge_by_shard(rec, base, finetunes, solved, opts, refresh=refresh)
         else:
-            missing = not stages.merge_intact(stages.merged_dir(rec, base, finetunes, coefficients))
-            if missing:  # the precise disk check, now that the merge is known to be needed
-                check_disk(merge_disk_needs(rec, base.path))
-            merged = merge_task.with_options(refresh_cache=missing)(rec, base, finetunes, solved)
-    create_table_artifact(key="task-vector-cosine", table=stages.cosine_records(merged.report),
+            merged = merge_task.with_options(refresh_cache=refresh)(rec, base, finetunes, solved)
+    create_table_artifact(key="task-vector-cosine", table=cosine_records(merged.report),
                           description="cosine of task vectors; MetaGPT assumes off-diagonal ≈ 0")
     logger.info("merged into %s (%s)", merged.path, merged.fingerprint[:12])
 
@@ -137,32 +114,24 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
             # one (model, task) per cached evaluation: adding a fine-tune (and its task) leaves
             # every existing score in the cache
             all_tasks = list(dict.fromkeys(t for ft in rec.finetunes for t in ft.tasks))
-
-            # under Dask they are submitted all at once (one worker each); locally one after the other
-            def scores_of(label: str, path: str, fingerprint: str, tasks: list[str], ref: str | None = None) -> list:
-                specs = [stages.eval_spec(rec, (task_name,)) for task_name in tasks]
-                if dask:
-                    return [evaluate_task.submit(label, path, fingerprint, spec, workdir, ref, store) for spec in specs]
-                return [evaluated(evaluate_task(label, path, fingerprint, spec, workdir)) for spec in specs]
-
-            count = [0, (2 + len(rec.finetunes)) * len(all_tasks)]  # base, merged and every fine-tune
-
-            def evaluated(scores: dict) -> dict:
-                count[0] += 1
-                progress.advance("evaluate", count[0], max(count))
-                return scores
-
-            def collect(parts: list) -> dict:
-                return {k: v for part in parts for k, v in (part.result() if dask else part).items()}
-
-            base_parts = scores_of("base", str(base.path), base.fingerprint, all_tasks, base.ref)
-            ft_parts = {ft.label: scores_of(ft.label, str(m.path), m.fingerprint, list(ft.tasks), m.ref)
-                        for ft, m in zip(rec.finetunes, finetunes, strict=True)}
-            merged_parts = scores_of("merged", merged.path, merged.fingerprint, all_tasks)
-            base_scores = collect(base_parts)
-            ft_scores = {label: collect(parts) for label, parts in ft_parts.items()}
-            merged_scores = collect(merged_parts)
-        table = stages.score_table(rec, base_scores, ft_scores, merged_scores)
+            models = [("base", str(base.path), base.fingerprint, all_tasks, base.ref)]
+            models += [(ft.label, str(m.path), m.fingerprint, list(ft.tasks), m.ref)
+                       for ft, m in zip(rec.finetunes, finetunes, strict=True)]
+            models += [("merged", merged.path, merged.fingerprint, all_tasks, None)]
+            jobs = [(i, label, path, fingerprint, eval_spec(rec, (task,)), ref)
+                    for i, (label, path, fingerprint, tasks, ref) in enumerate(models) for task in tasks]
+            scores: list[dict] = [{} for _ in models]  # by position: a fine-tune may be called "base"
+            if dask:  # all at once, one worker each
+                futures = [(i, evaluate_task.submit(label, path, fp, spec, workdir, ref, store))
+                           for i, label, path, fp, spec, ref in jobs]
+                for i, future in futures:
+                    scores[i].update(future.result())
+            else:  # one after the other, with the CLI's progress
+                for done, (i, label, path, fp, spec, _ref) in enumerate(jobs, start=1):
+                    scores[i].update(evaluate_task(label, path, fp, spec, workdir))
+                    progress.advance("evaluate", done, len(jobs))
+        table = score_table(rec, scores[0], {ft.label: scores[i] for i, ft in enumerate(rec.finetunes, start=1)},
+                            scores[-1])
         create_table_artifact(key="merge-scores", table=table.as_records(),
                               description="absolute scores; avg_norm = merged score / own fine-tune's score")
 
@@ -174,33 +143,25 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         create_table_artifact(key="quality-gate", table=gate.as_records(), description=gate.summary())
         logger.info(gate.summary())
 
-    asked_run_id = run_id
-    run_id = run_id or stages.run_id_for(merged.fingerprint)
-    published = None
-    # the report shows the norms checked above and the vocabulary rows each fine-tune lost
-    report_data = {**merged.report, "relative_norms": norms, "dropped_rows": dropped}
-    documents = {
-        "coefficients.json": coefficients.to_json(),
-        "merge_report.json": json.dumps(merged.report, indent=1),
-        "report.md": stages.report_markdown(rec, [base, *finetunes], coefficients, plan, report_data, table, None),
-    }
-    if table is not None:
-        documents["scores.json"] = json.dumps(
-            {"rows": table.rows, "records": table.as_records(), "merged": table.merged_label}, indent=1)
+    inputs = [base, *finetunes]
+    report_data = report_inputs(merged.report, norms, dropped)
+    documents = run_documents(rec, inputs, coefficients, plan, merged.report, report_data, table)
     if gate is not None and not gate.passed:
-        report = stages.report_markdown(rec, [base, *finetunes], coefficients, plan, report_data, table, None,
-                                        clock.seconds, gate)
+        report = report_markdown(rec, inputs, coefficients, plan, report_data, table, None, clock.seconds, gate)
         create_markdown_artifact(key="merge-report", markdown=report, description=f"merge report {rec.name} (gate failed)")
         gate.raise_if_failed()  # the run ends Failed, with the score table and the gate's checks as artifacts
+    asked_run_id = run_id
+    run_id = run_id or run_id_for(merged.fingerprint)
+    published = None
     if rec.publish is not None:
         with clock.stage("publish"):
-            published = publish_cached_only_if_intact(publish_task, rec, merged, run_id, asked_run_id, documents,
-                                                      normalized_average)
+            published = publish_unless_intact(publish_task, rec, merged, run_id, asked_run_id, documents,
+                                              normalized_average)
         create_link_artifact(key="published-manifest", link=published["manifest_uri"],
                              link_text=published["manifest_uri"], description="manifest of the published merge")
         logger.info("published %s", published["manifest_uri"])
-    report = stages.report_markdown(rec, [base, *finetunes], coefficients, plan, report_data, table,
-                                    published["manifest_uri"] if published else None, clock.seconds, gate)
+    report = report_markdown(rec, inputs, coefficients, plan, report_data, table,
+                             published["manifest_uri"] if published else None, clock.seconds, gate)
     create_markdown_artifact(key="merge-report", markdown=report, description=f"merge report {rec.name}")
     return {
         "recipe": rec.name,

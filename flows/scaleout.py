@@ -16,11 +16,11 @@ from prefect.futures import as_completed
 from prefect.settings import get_current_settings
 from prefect_dask import DaskTaskRunner
 
-from metamerge import stages
 from metamerge.errors import InputError
+from metamerge.pipeline.merge import MergeOutput
 from metamerge.recipe import DaskCluster, Recipe, Runner
 from metamerge.refs import ResolvedModel
-from tasks.merge_shards import finalize_merge, merge_shard, plan_shards
+from metamerge_prefect.tasks.merge_shards import finalize_merge, merge_shard, plan_shards
 
 
 def task_runner_for(runner: Runner, api_url: str | None = None) -> DaskTaskRunner:
@@ -51,7 +51,7 @@ def run_on_dask(flow: Flow, recipe: Recipe, run_id: str | None) -> Any:
 
 
 def merge_by_shard(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], solved: dict,
-                   options: dict[str, Any], refresh: bool) -> stages.MergeOutput:
+                   options: dict[str, Any], refresh: bool) -> MergeOutput:
     """plan → one task per output shard (spread over workers) → finalize; a progress artifact per shard."""
     planner, shard_task, finalizer = (t.with_options(**options, refresh_cache=refresh)
                                       for t in (plan_shards, merge_shard, finalize_merge))

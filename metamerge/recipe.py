@@ -15,22 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from metamerge.errors import RecipeError
+from metamerge.methods.registry import METHODS, PARAMETERS, MethodSpec, default_of
 
-MethodName = Literal[
-    "average", "task_arithmetic", "metagpt", "ties", "dare", "metagpt+ties", "metagpt+dare"
-]
-Granularity = Literal["model", "layer", "tensor"]
-
-# Which optional parameters each method accepts, with its defaults (DESIGN.md §4).
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "average": {},
-    "task_arithmetic": {"scale": 0.3},
-    "metagpt": {"granularity": "model"},
-    "ties": {"density": 0.2, "scale": 1.0},
-    "dare": {"density": 0.55, "combine": "linear", "scale": None, "seed": None},
-    "metagpt+ties": {"density": 0.2, "granularity": "model"},
-    "metagpt+dare": {"density": 0.55, "granularity": "model", "seed": None},
-}
+# the method names and parameter bounds come from the registry (one entry per method)
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+Granularity = Literal[PARAMETERS["granularity"].choices]  # type: ignore[valid-type]
+CombineMode = Literal[PARAMETERS["combine"].choices]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
@@ -49,31 +39,29 @@ class FineTune(_Strict):
 
 class Method(_Strict):
     name: MethodName
-    scale: float | None = Field(default=None, alias="lambda", gt=0, le=10)
+    scale: float | None = Field(default=None, alias="lambda", **PARAMETERS["scale"].bounds)
     granularity: Granularity | None = None
-    density: float | None = Field(default=None, gt=0, le=1)
-    combine: Literal["linear", "ties"] | None = None
+    density: float | None = Field(default=None, **PARAMETERS["density"].bounds)
+    combine: CombineMode | None = None
     seed: int | None = None
 
     @model_validator(mode="after")
     def _check_parameters(self) -> Method:
-        allowed = METHOD_DEFAULTS[self.name]
-        given = {k for k in ("scale", "granularity", "density", "combine", "seed") if getattr(self, k) is not None}
-        for key in sorted(given - set(allowed)):
-            shown = "lambda" if key == "scale" else key
-            raise ValueError(f"'{shown}' does not apply to method '{self.name}'")
-        if "seed" in allowed and self.seed is None:
+        spec = METHODS[self.name]
+        given = {k for k in PARAMETERS if getattr(self, k) is not None}
+        for key in sorted(given - set(spec.defaults)):
+            raise ValueError(f"'{PARAMETERS[key].spelled}' does not apply to method '{self.name}'")
+        if spec.random and self.seed is None:
             raise ValueError(f"method '{self.name}' drops weights at random: set 'seed' so runs are reproducible")
         return self
 
     def param(self, key: str) -> Any:
         value = getattr(self, key)
-        if value is not None:
-            return value
-        default = METHOD_DEFAULTS[self.name].get(key)
-        if key == "scale" and self.name == "dare" and default is None:
-            return 1.0 if self.param("combine") == "ties" else 0.3
-        return default
+        return value if value is not None else default_of(self, key)
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.name]
 
 
 class MergeOptions(_Strict):
@@ -98,7 +86,7 @@ class Publish(_Strict):
 
 
 class Gate(_Strict):
-    """Refuse to publish a merge that is not good enough (DESIGN.md §6)."""
+    """Refuse to publish a merge that is not good enough (docs/design.md §6)."""
 
     min_avg_norm: float | None = Field(default=None, ge=0, description="minimum normalized average")
     no_regression: bool = Field(default=False, description="not below the last published merge of this name")
@@ -121,7 +109,7 @@ class DaskCluster(_Strict):
 
 
 class Runner(_Strict):
-    """Where tasks run: in the flow's process (local) or on a Dask cluster (DESIGN.md §9)."""
+    """Where tasks run: in the flow's process (local) or on a Dask cluster (docs/design.md §9)."""
 
     kind: Literal["local", "dask"] = "local"
     address: str | None = Field(default=None, pattern=r"^[a-z]+://.+", description="scheduler, e.g. tcp://host:8786")
@@ -254,6 +242,15 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f" line {mark.line + 1}" if mark else ""
         raise RecipeError(f"invalid recipe {path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
     return parse_recipe(data, str(path)).resolve_paths(path.parent.resolve())
+
+
+def load_any(recipe: str | Path | dict[str, Any] | Recipe) -> Recipe:
+    """A path (CLI, deployments), a mapping (event triggers, API calls; relative to the cwd) or a Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe, "<parameters>").resolve_paths(Path.cwd())
+    return load_recipe(recipe)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -10,21 +10,21 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from metamerge import stages
-from metamerge.evaluate import lm_eval_version
-from metamerge.stages import CODE_VERSION, short_hash
+from metamerge.pipeline import evaluate as evaluate_stage
+from metamerge.pipeline.keys import CODE_VERSION, merged_dir, ref_signature, short_hash, stats_path, task_spec_hash
+from metamerge_prefect.tasks.payloads import coefficients_of
 
 
 def resolve_key(_context: Any, params: dict[str, Any]) -> str | None:
     ref = params["ref"]
     if "://" in ref and not ref.startswith("file://"):
         return None  # remote refs ask the remote (cheap); their download is cached by fingerprint
-    return short_hash("resolve", stages.ref_signature(ref), CODE_VERSION)
+    return short_hash("resolve", ref_signature(ref), CODE_VERSION)
 
 
 def extract_key(_context: Any, params: dict[str, Any]) -> str:
-    path = stages.stats_path(params["base"], params["finetune"], params["label"], params["plan"],
-                             params["vocab"], params["workdir"])
+    path = stats_path(params["base"], params["finetune"], params["label"], params["plan"],
+                      params["vocab"], params["workdir"])
     return short_hash("extract", path.name)
 
 
@@ -34,14 +34,12 @@ def solve_key(_context: Any, params: dict[str, Any]) -> str:
 
 
 def merge_key(_context: Any, params: dict[str, Any]) -> str:
-    from tasks.solve import coefficients_of
-
-    out = stages.merged_dir(params["recipe"], params["base"], params["finetunes"], coefficients_of(params["solved"]))
+    out = merged_dir(params["recipe"], params["base"], params["finetunes"], coefficients_of(params["solved"]))
     return short_hash("merge", out.name)
 
 
 def evaluate_key(_context: Any, params: dict[str, Any]) -> str:
-    return short_hash("evaluate", params["fingerprint"], stages.task_spec_hash(params["spec"]), lm_eval_version())
+    return short_hash("evaluate", params["fingerprint"], task_spec_hash(params["spec"]), evaluate_stage.EVALUATION.version())
 
 
 def publish_key(_context: Any, params: dict[str, Any]) -> str:

@@ -1,13 +1,15 @@
+"""The evaluate task: lm-eval on one (model, task), cached by both contents."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from prefect import task
 
-from metamerge import stages
-from metamerge.evaluate import EvalSpec
-from metamerge.shared import SharedStore
-from tasks.caching import evaluate_key
+from metamerge.evaluation.backend import EvalSpec
+from metamerge.io.shared import SharedStore
+from metamerge.pipeline.evaluate import evaluate
+from metamerge_prefect.tasks.caching import evaluate_key
 
 
 @task(name="evaluate", task_run_name="evaluate {label} on {spec.tasks}", cache_key_fn=evaluate_key, persist_result=True)
@@ -17,4 +19,4 @@ def evaluate_model(label: str, model_path: str, fingerprint: str, spec: EvalSpec
 
     On a Dask worker that lacks the model, `ref` (remote inputs) or `store` (the merged model) fetches it.
     """
-    return stages.evaluate(model_path, fingerprint, spec, Path(workdir), ref, store)
+    return evaluate(model_path, fingerprint, spec, Path(workdir), ref, store)

@@ -21,3 +21,8 @@ def retry_unless_input_error(task, task_run, state) -> bool:
     except Exception as exc:  # noqa: BLE001 - the exception itself is the question
         return is_retryable(exc)
     return True
+
+
+# the options of every network-facing task (resolve, gate, publish, shard transfers)
+NETWORK_RETRY = {"retries": NETWORK_RETRIES, "retry_delay_seconds": NETWORK_BACKOFF, "retry_jitter_factor": JITTER,
+                 "retry_condition_fn": retry_unless_input_error}

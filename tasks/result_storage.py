@@ -10,8 +10,9 @@ import asyncio
 
 from prefect.filesystems import WritableFileSystem
 
-from metamerge.stages import short_hash
-from metamerge.storage import parse_target, s3_client
+from metamerge.io.s3 import s3_client
+from metamerge.io.targets import parse_target
+from metamerge.pipeline.keys import short_hash
 
 
 class S3ResultStorage(WritableFileSystem):

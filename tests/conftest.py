@@ -7,15 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from metamerge_prefect.cli import PREFECT_DEFAULTS
+
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PREFECT_HOME", str(REPO / ".cache" / "prefect-test-home"))
 for key, value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
+    **PREFECT_DEFAULTS,  # what the CLI sets for its embedded default
     "AWS_ACCESS_KEY_ID": "metamerge-test",
     "AWS_SECRET_ACCESS_KEY": "metamerge-test-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
@@ -30,14 +27,14 @@ for key, value in {
 
 @pytest.fixture(scope="session")
 def zoo():
-    from metamerge.zoo import build_zoo
+    from metamerge.demo.zoo import build_zoo
 
     return build_zoo(REPO / ".cache" / "zoo")
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    from metamerge.s3server import local_s3_server
+    from metamerge.demo.s3server import local_s3_server
 
     with local_s3_server() as endpoint:
         yield endpoint
@@ -48,7 +45,7 @@ def bucket(s3_endpoint, request):
     """A fresh bucket per test, so tests never see each other's objects."""
     import uuid
 
-    from metamerge.storage import s3_client
+    from metamerge.io.s3 import s3_client
 
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3_client(s3_endpoint).create_bucket(Bucket=name)

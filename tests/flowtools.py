@@ -10,13 +10,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from metamerge.storage import s3_client
+from metamerge.io.s3 import s3_client
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def zoo_recipe(zoo, endpoint: str, bucket: str, workdir: Path, skills: list[str] | None = None, **overrides) -> dict:
-    from metamerge.cli import demo_recipe
+    from metamerge_prefect.cli import demo_recipe
 
     recipe = demo_recipe(zoo, endpoint, workdir)
     recipe["publish"]["target"] = f"s3://{bucket}/merges"
@@ -92,8 +92,8 @@ def start_flow_subprocess(recipe: dict, env_extra: dict[str, str]) -> subprocess
 
     Like the CLI, it installs the lifeline: its Prefect server does not outlive it (issue 13 #3).
     """
-    code = ("import json, sys; from metamerge import lifeline; lifeline.install(); "
-            "from flows.merge_flow import merge_flow; merge_flow(json.loads(sys.argv[1]))")
+    code = ("import json, sys; from metamerge_prefect import lifeline; lifeline.install(); "
+            "from metamerge_prefect.flows.merge_flow import merge_flow; merge_flow(json.loads(sys.argv[1]))")
     env = {**os.environ, **env_extra}
     env.pop("PREFECT_API_URL", None)
     env["PREFECT_HOME"] = SUBPROCESS_HOME

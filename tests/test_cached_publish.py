@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from metamerge import stages
-from metamerge.storage import s3_client
+from metamerge.io.s3 import s3_client
+from metamerge.pipeline.merge import merge_intact
 from tests.flowtools import bucket_keys, task_states, zoo_recipe
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def _published_objects_match(endpoint: str, bucket: str, manifest_uri: str) -> d
 
 
 def _run(recipe):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     state = merge_flow(recipe, return_state=True)
     assert state.is_completed(), state.message
@@ -71,7 +71,7 @@ def test_cached_publish_and_merge_are_redone_when_their_outputs_are_gone(zoo, s3
     merged = Path(first["merged_path"])
     victim = merged / "tokenizer.json"
     victim.unlink()
-    assert not stages.merge_intact(merged)
+    assert not merge_intact(merged)
     third, states = _run(recipe)
     assert states["merge"] == ["Completed"], states
     assert victim.exists() and third["merged_fingerprint"] == first["merged_fingerprint"]

@@ -1,5 +1,6 @@
 """Content-addressed caching, and resuming after SIGKILL, on the real zoo, Prefect API and S3 server."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -8,8 +9,13 @@ import time
 
 import pytest
 
-from metamerge import stages
-from metamerge.storage import latest_manifest, s3_client
+from metamerge.io.manifests import latest_manifest
+from metamerge.io.s3 import s3_client
+from metamerge.pipeline import evaluate as evaluate_stage
+from metamerge.pipeline import extract as extract_stage
+from metamerge.pipeline import merge as merge_stage
+from metamerge.pipeline import solve as solve_stage
+from metamerge.pipeline.inputs import resolve
 from tests.flowtools import (
     bucket_keys,
     expected_task_names,
@@ -42,13 +48,13 @@ def model_reads(monkeypatch):
         sys.addaudithook(_audit)  # process-wide and permanent: inert while no listener is registered
         _HOOKED.append(True)
     reads = {"opened": [], "lm_eval": 0}
-    real = stages.evaluate_model
+    real = evaluate_stage.EVALUATION
 
     def counting(*args, **kwargs):
         reads["lm_eval"] += 1
-        return real(*args, **kwargs)
+        return real.scores(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "evaluate_model", counting)
+    monkeypatch.setattr(evaluate_stage, "EVALUATION", dataclasses.replace(real, scores=counting))
     _OPEN_LISTENERS.append(reads["opened"].append)
     yield reads
     _OPEN_LISTENERS.remove(reads["opened"].append)
@@ -61,7 +67,7 @@ def _objects(endpoint: str, bucket: str) -> dict[str, tuple]:
 
 
 def test_second_run_is_all_cached_and_reads_nothing(zoo, s3_endpoint, bucket, isolated_results, tmp_path, model_reads):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work")
     expected = expected_task_names(recipe)
@@ -89,7 +95,7 @@ def test_second_run_is_all_cached_and_reads_nothing(zoo, s3_endpoint, bucket, is
 
 
 def test_adding_a_finetune_recomputes_only_what_depends_on_it(zoo, s3_endpoint, bucket, isolated_results, tmp_path):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     two = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", skills=["capitals", "reverse"])
     assert merge_flow(two, return_state=True).is_completed()
@@ -130,15 +136,15 @@ def _uninterrupted_merge(recipe: dict, workdir) -> dict[str, bytes]:
     """The same merge run start to end, without Prefect, in a workdir of its own: {file: bytes}."""
     from pathlib import Path
 
-    from metamerge.methods import plan_for
+    from metamerge.methods.registry import plan_for
     from metamerge.recipe import parse_recipe
 
     rec = parse_recipe({**recipe, "workdir": str(workdir)})
     plan, labels = plan_for(rec.method), [ft.label for ft in rec.finetunes]
-    base = stages.resolve(rec.base, workdir)
-    fts = [stages.resolve(ft.ref, workdir) for ft in rec.finetunes]
-    stats = [stages.extract(base, f, label, plan, rec.merge.vocab, workdir) for f, label in zip(fts, labels, strict=True)]
-    out = stages.merge(rec, base, fts, stages.solve(labels, stats, plan, rec.method.name))
+    base = resolve(rec.base, workdir)
+    fts = [resolve(ft.ref, workdir) for ft in rec.finetunes]
+    stats = [extract_stage.extract(base, f, label, plan, rec.merge.vocab, workdir) for f, label in zip(fts, labels, strict=True)]
+    out = merge_stage.merge(rec, base, fts, solve_stage.solve(labels, stats, plan, rec.method.name))
     return {p.name: p.read_bytes() for p in sorted(Path(out.path).iterdir())}
 
 
@@ -148,7 +154,7 @@ def _published_bytes(endpoint: str, bucket: str, run_uri: str, names) -> dict[st
 
 
 def test_sigkill_during_merge_then_resume(zoo, s3_endpoint, bucket, isolated_results, tmp_path):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work")
     _kill_at("merge", recipe, tmp_path, isolated_results)
@@ -175,7 +181,7 @@ def test_sigkill_during_merge_then_resume(zoo, s3_endpoint, bucket, isolated_res
 
 
 def test_sigkill_during_upload_then_resume(zoo, s3_endpoint, bucket, isolated_results, tmp_path):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work")
     _kill_at("upload", recipe, tmp_path, isolated_results)
@@ -203,7 +209,7 @@ def test_results_on_s3_are_shared_between_runs(zoo, s3_endpoint, bucket, isolate
     """With `results: s3://…` a second run finds its cache in S3 even with an empty local store."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", results=f"s3://{bucket}/prefect-results",
                         endpoint_url=s3_endpoint)

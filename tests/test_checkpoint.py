@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metamerge.checkpoint import CheckpointReader, ShardedWriter, TensorInfo
+from metamerge.engine.checkpoint import CheckpointReader, TensorInfo
+from metamerge.engine.writer import ShardedWriter
 from metamerge.errors import CheckpointError
 from tests.helpers import write_checkpoint
 

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from metamerge.cli import app
-from metamerge.storage import publish_run
+from metamerge.io.publish import publish_run
+from metamerge_prefect.cli import app
 from tests.helpers import random_family
 
 runner = CliRunner()
@@ -37,7 +37,7 @@ def local_setup(tmp_path):
 
 
 def test_watch_flow_finds_new_finetunes_and_then_none(local_setup, prefect_api):
-    from flows.watch_flow import watch_flow
+    from metamerge_prefect.flows.watch_flow import watch_flow
 
     path, registry, tmp_path = local_setup
     result = watch_flow(str(path), str(registry))

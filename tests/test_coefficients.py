@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from metamerge.coefficients import metagpt_lambdas, solve_constant, solve_metagpt
+from metamerge.engine.coefficients import metagpt_lambdas, solve_constant, solve_metagpt
 
 NAMES = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
          "model.layers.1.self_attn.q_proj.weight", "model.layers.1.input_layernorm.weight", "model.layers.10.mlp.up_proj.weight",

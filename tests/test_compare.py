@@ -8,7 +8,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from metamerge.cli import app, demo_recipe
+from metamerge_prefect.cli import app, demo_recipe
 from tests.flowtools import task_states
 
 pytestmark = [pytest.mark.slow, pytest.mark.quality, pytest.mark.usefixtures("restore_environment")]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metamerge.storage import s3_client
+from metamerge.io.s3 import s3_client
 from tests.flowtools import bucket_keys, zoo_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def test_two_concurrent_runs_publish_only_true_manifests(zoo, s3_endpoint, bucke
                "METAMERGE_TEST_RENDEZVOUS_AT": "publish", "METAMERGE_TEST_RENDEZVOUS_DIR": str(tmp_path / "rendezvous"),
                "METAMERGE_TEST_RENDEZVOUS_N": "2"}
         env.pop("PREFECT_API_URL", None)
-        procs.append(subprocess.Popen([sys.executable, "-c", "from metamerge.cli import main; main()", "run", str(path)],
+        procs.append(subprocess.Popen([sys.executable, "-c", "from metamerge_prefect.cli import main; main()", "run", str(path)],
                                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outcomes = [proc.communicate(timeout=900) + (proc.returncode,) for proc in procs]
     codes = sorted(code for _, _, code in outcomes)

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from metamerge.errors import CredentialsError, is_retryable
-from metamerge.storage import publish_run, read_json
+from metamerge.io.manifests import read_json
+from metamerge.io.publish import publish_run
 from tests.authserver import auth_s3_server
 from tests.helpers import random_family
 
@@ -47,7 +48,7 @@ def _bad(auth_s3):
 
 
 def test_the_server_enforces_auth_and_accepts_good_credentials(auth_s3, monkeypatch, tmp_path):
-    from metamerge.storage import check_s3_writable
+    from metamerge.io.s3 import check_s3_writable
 
     use_credentials(monkeypatch, auth_s3.writer)
     check_s3_writable(f"s3://{auth_s3.bucket}/p", auth_s3.endpoint, "publish target")
@@ -57,7 +58,7 @@ def test_the_server_enforces_auth_and_accepts_good_credentials(auth_s3, monkeypa
 
 
 def test_refused_credentials_fail_the_preflight_with_their_code(auth_s3, monkeypatch):
-    from metamerge.storage import check_s3_writable
+    from metamerge.io.s3 import check_s3_writable
 
     for name, creds, code in _bad(auth_s3):
         use_credentials(monkeypatch, creds)
@@ -82,7 +83,7 @@ def test_refused_credentials_fail_a_publish_at_once(auth_s3, monkeypatch, tmp_pa
 
 
 def test_missing_credentials_say_so(auth_s3, monkeypatch, tmp_path):
-    from metamerge.storage import check_s3_writable
+    from metamerge.io.s3 import check_s3_writable
 
     use_credentials(monkeypatch, NO_CREDENTIALS)
     with pytest.raises(CredentialsError, match=rf"at {auth_s3.endpoint}: no credentials found for bucket "
@@ -113,7 +114,7 @@ def test_metamerge_run_with_bad_credentials_fails_in_seconds(auth_s3, tmp_path, 
     env.pop("PREFECT_API_URL", None)
     recipe = _recipe(tmp_path, auth_s3)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", "from metamerge.cli import main; main()", "run", str(recipe)],
+    done = subprocess.run([sys.executable, "-c", "from metamerge_prefect.cli import main; main()", "run", str(recipe)],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     elapsed = time.monotonic() - started
     assert done.returncode == 1, done.stderr[-2000:]
@@ -132,17 +133,17 @@ def test_credentials_revoked_before_the_publish_are_not_retried(auth_s3, tmp_pat
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.merge_flow import merge_flow
-    from metamerge import stages
+    from metamerge_prefect.flows.merge_flow import merge_flow
+    from metamerge_prefect.tasks import publish as publish_task_module
 
     use_credentials(monkeypatch, auth_s3.writer)
-    real_publish = stages.publish
+    real_publish = publish_task_module.publish
 
     def publish_with_revoked_key(*args, **kwargs):
         use_credentials(monkeypatch, UNKNOWN)
         return real_publish(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "publish", publish_with_revoked_key)
+    monkeypatch.setattr(publish_task_module, "publish", publish_with_revoked_key)
     started = time.monotonic()
     state = merge_flow(str(_recipe(tmp_path, auth_s3)), return_state=True)
     elapsed = time.monotonic() - started

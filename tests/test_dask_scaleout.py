@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from metamerge.storage import latest_manifest
+from metamerge.io.manifests import latest_manifest
 from tests.flowtools import bucket_keys, zoo_recipe
 from tests.prefectserver import running_prefect_server, using_api, wait_for
 
@@ -60,8 +60,8 @@ def _files(folder) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def local_merge(zoo, tmp_path_factory, prefect_server):
     """The local runner's merged files: what every Dask run must reproduce byte for byte."""
-    from flows.merge_flow import merge_flow
-    from metamerge.s3server import local_s3_server
+    from metamerge.demo.s3server import local_s3_server
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     work = tmp_path_factory.mktemp("local")
     with local_s3_server() as endpoint, using_api(prefect_server["api"]):
@@ -99,7 +99,7 @@ def _shard_names(local_merge) -> set[str]:
 
 
 def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpoint, bucket, api, local_merge, tmp_path):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     recipe = _recipe(zoo, s3_endpoint, bucket, tmp_path / "wd",
                      runner={"kind": "dask", "cluster": {"n_workers": 2, "threads_per_worker": 1, "memory_limit": "3GiB"}},
@@ -143,7 +143,7 @@ def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpo
 def test_worker_killed_mid_shard_is_retried_elsewhere(zoo, s3_endpoint, bucket, api, local_merge, tmp_path, monkeypatch):
     from distributed import Client, LocalCluster
 
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     marker = tmp_path / "hung-worker.pid"
     # read by the worker processes at start: the first shard task to reach mid-shard hangs there

@@ -19,7 +19,8 @@ import pytest
 import torch
 import yaml
 
-from metamerge.storage import latest_manifest, s3_client
+from metamerge.io.manifests import latest_manifest
+from metamerge.io.s3 import s3_client
 from tests.flowtools import REPO, zoo_recipe
 from tests.prefectserver import BIN, running_prefect_server
 from tests.prefectserver import wait_for as _wait

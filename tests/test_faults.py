@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from metamerge.errors import TransientError
-from metamerge.storage import latest_manifest, publish_run
+from metamerge.io.manifests import latest_manifest
+from metamerge.io.publish import publish_run
 from tests.faultproxy import FaultProxy
 from tests.flowtools import bucket_keys, zoo_recipe
 
@@ -39,9 +40,9 @@ def test_persistent_fault_names_the_endpoint_and_publishes_nothing(tmp_path, s3_
 
 def test_flow_survives_a_flaky_endpoint_and_fails_cleanly_on_a_dead_one(s3_endpoint, bucket, prefect_api, tmp_path):
     """botocore's own 4 attempts first; when they are spent, Prefect's retry of the publish task succeeds."""
-    from flows.merge_flow import merge_flow
-    from metamerge.storage import s3_client
-    from tasks.policy import NETWORK_RETRIES
+    from metamerge.io.s3 import s3_client
+    from metamerge_prefect.flows.merge_flow import merge_flow
+    from metamerge_prefect.tasks.policy import NETWORK_RETRIES
     from tests.flowtools import task_runs
     from tests.helpers import random_family
 
@@ -83,7 +84,7 @@ def test_flow_survives_a_flaky_endpoint_and_fails_cleanly_on_a_dead_one(s3_endpo
 
 def test_bad_input_is_not_retried(tmp_path, zoo, s3_endpoint, bucket, prefect_api):
     """A deterministic error fails at once: one attempt of the task, not NETWORK_RETRIES."""
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
     from tests.flowtools import task_runs
 
     recipe = zoo_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", base=str(tmp_path / "missing"))
@@ -97,9 +98,9 @@ def test_bad_input_is_not_retried(tmp_path, zoo, s3_endpoint, bucket, prefect_ap
 RETRY_PROBE = """
 import json, sys, time
 from prefect import flow
-from metamerge import stages
+from metamerge.pipeline import inputs as inputs_stage
 from metamerge.errors import RefError, TransientError
-from tasks.resolve import resolve_model
+from metamerge_prefect.tasks.resolve import resolve_model
 
 calls = {"flaky": [], "bad": []}
 
@@ -112,7 +113,7 @@ def failing(ref, workdir, endpoint_url=None):  # the injected fault: the remote 
     raise TransientError("S3 download at http://127.0.0.1:9: EndpointConnectionError (injected)")
 
 
-stages.resolve = failing
+inputs_stage.resolve = failing
 
 
 @flow(name="retry-probe")
@@ -150,9 +151,9 @@ def test_network_stages_retry_with_exponential_backoff_and_jitter(tmp_path, pref
     env = {k: v for k, v in os.environ.items() if not k.startswith("METAMERGE_")}
     # production's policy, read from an environment that does not override it
     policy = json.loads(_python(
-        "import json; from tasks import policy; from tasks.gate import check_quality_gate as g; "
-        "from tasks.merge_shards import finalize_merge as f, merge_shard as m, plan_shards as p; "
-        "from tasks.publish import publish_model as u; from tasks.resolve import resolve_model as r; "
+        "import json; from metamerge_prefect.tasks import policy; from metamerge_prefect.tasks.gate import check_quality_gate as g; "
+        "from metamerge_prefect.tasks.merge_shards import finalize_merge as f, merge_shard as m, plan_shards as p; "
+        "from metamerge_prefect.tasks.publish import publish_model as u; from metamerge_prefect.tasks.resolve import resolve_model as r; "
         "print(json.dumps({t.name: [t.retries, t.retry_delay_seconds, t.retry_jitter_factor, "
         "t.retry_condition_fn is policy.retry_unless_input_error] for t in (r, u, g, p, m, f)}))", env))
     assert policy == dict.fromkeys(["resolve", "publish", "quality-gate", "plan-shards", "merge-shard",

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metamerge.storage import latest_manifest, s3_client
+from metamerge.io.manifests import latest_manifest
+from metamerge.io.s3 import s3_client
 from tests.faultproxy import FaultProxy
 from tests.flowtools import bucket_keys, expected_task_names, task_runs
 from tests.helpers import random_family, write_checkpoint
@@ -56,8 +57,8 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("fault", ["shape", "nan", "bucket-deleted"])
 def test_deterministic_errors_are_never_retried(tmp_path, s3_endpoint, bucket, fault, monkeypatch):
     """README: shape mismatch, NaN and a missing bucket fail at once with one line, never retried."""
-    from flows.merge_flow import merge_flow
-    from metamerge import stages
+    from metamerge_prefect.flows.merge_flow import merge_flow
+    from metamerge_prefect.tasks import publish as publish_task_module
 
     recipe, (base_dir, ft_dirs, base, fts) = _family_recipe(tmp_path)
     name = "model.layers.1.self_attn.q_proj.weight"
@@ -73,14 +74,14 @@ def test_deterministic_errors_are_never_retried(tmp_path, s3_endpoint, bucket, f
     else:  # the bucket passes the preflight, then is gone when the publish task runs
         gone = f"{bucket}-gone"
         s3_client(s3_endpoint).create_bucket(Bucket=gone)
-        real = stages.publish
+        real = publish_task_module.publish
 
         def publish_after_the_bucket_went(*args, **kwargs):  # the fault, injected between preflight and publish
             if gone in {b["Name"] for b in s3_client(s3_endpoint).list_buckets()["Buckets"]}:
                 s3_client(s3_endpoint).delete_bucket(Bucket=gone)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(stages, "publish", publish_after_the_bucket_went)
+        monkeypatch.setattr(publish_task_module, "publish", publish_after_the_bucket_went)
         bad, target, failing = None, f"s3://{gone}/merges", "publish"
         message = f"S3 publish at .*: NoSuchBucket '{gone}'"
     if bad is not None:
@@ -106,7 +107,7 @@ def test_deterministic_errors_are_never_retried(tmp_path, s3_endpoint, bucket, f
 
 def test_a_missing_bucket_fails_the_preflight_with_one_request(tmp_path, s3_endpoint):
     """A publish target whose bucket does not exist stops the run before any task, after one request."""
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     recipe, _ = _family_recipe(tmp_path)
     with FaultProxy(s3_endpoint) as proxy:
@@ -122,7 +123,7 @@ def test_a_missing_bucket_fails_the_preflight_with_one_request(tmp_path, s3_endp
 
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
     """README/recipes: `merge.device: cuda` on a machine without CUDA fails, it does not fall back to CPU."""
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the fault: "no CUDA here", on any machine
     recipe, _ = _family_recipe(tmp_path, merge={"device": "cuda"}, publish={"target": str(tmp_path / "published")})
@@ -146,17 +147,17 @@ def test_merge_progress_artifact_climbs_to_100(tmp_path, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
-    import tasks.merge
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
+    from metamerge_prefect.tasks import merge as merge_task_module
 
     seen: list[float] = []
-    real = tasks.merge.update_progress_artifact
+    real = merge_task_module.update_progress_artifact
 
     def recording(artifact_id, progress, **kwargs):  # passes every update through to the real API
         seen.append(progress)
         return real(artifact_id, progress=progress, **kwargs)
 
-    monkeypatch.setattr(tasks.merge, "update_progress_artifact", recording)
+    monkeypatch.setattr(merge_task_module, "update_progress_artifact", recording)
     base_dir, ft_dirs, _, _ = random_family(tmp_path / "models", layers=8)
     recipe = _recipe(tmp_path, str(base_dir), [(f"ft{i}", str(d)) for i, d in enumerate(ft_dirs)])
     state = merge_flow(recipe, return_state=True)
@@ -185,7 +186,7 @@ def _fingerprint(folder: Path) -> str:
 
 def test_run_id_is_the_utc_date_and_the_merged_fingerprint(tmp_path, monkeypatch, request):
     """README: run ids are `<UTC date>-<merged fingerprint>`, so a same-day re-run resumes the same prefix."""
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     # a local time zone whose date is never the UTC date right now, so a local date would show
     zone = "Etc/GMT+12" if datetime.now(UTC).hour < 12 else "Etc/GMT-14"
@@ -228,7 +229,7 @@ def test_hf_refs_pinned_to_a_commit_go_through_the_flow(tmp_path, monkeypatch):
     """README: `hf://org/name@revision` through huggingface_hub's cache (offline here); a commit sha pins the weights."""
     import huggingface_hub.constants as constants
 
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     base_dir, ft_dirs, base, fts = random_family(tmp_path / "v1", n_finetunes=2)
     _, newer_dirs, _, newer = random_family(tmp_path / "v2", n_finetunes=2, seed=5)
@@ -264,7 +265,7 @@ def test_hf_refs_pinned_to_a_commit_go_through_the_flow(tmp_path, monkeypatch):
 def test_s3_refs_and_publishing_use_aws_endpoint_url_when_the_recipe_names_none(tmp_path, s3_endpoint, bucket,
                                                                                  monkeypatch):
     """README: the endpoint comes from `endpoint_url` in the recipe, else from AWS_ENDPOINT_URL."""
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     base_dir, ft_dirs, base, fts = random_family(tmp_path / "models", n_finetunes=2)
     client = s3_client(s3_endpoint)

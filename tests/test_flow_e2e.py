@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from metamerge.storage import s3_client
+from metamerge.io.s3 import s3_client
 from tests.zoo_reference import accuracy_of_state, merged_state, one_example
 
 pytestmark = pytest.mark.slow
 
 
 def _recipe(zoo, endpoint, bucket, workdir, **overrides):
-    from metamerge.cli import demo_recipe
+    from metamerge_prefect.cli import demo_recipe
 
     recipe = demo_recipe(zoo, endpoint, workdir)
     recipe["publish"]["target"] = f"s3://{bucket}/merges"
@@ -30,7 +30,7 @@ def _objects(endpoint, bucket):
 
 @pytest.mark.quality
 def test_metagpt_flow_publishes_a_verified_merge_that_keeps_the_dominant_skill(zoo, s3_endpoint, bucket, prefect_api, tmp_path):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     state = merge_flow(_recipe(zoo, s3_endpoint, bucket, tmp_path / "work"), return_state=True)
     assert state.is_completed(), state.message
@@ -99,7 +99,7 @@ def _broken_copy(src, dst, name, new_shape):
 
 
 def test_shape_mismatch_fails_the_flow_and_publishes_nothing(zoo, s3_endpoint, bucket, prefect_api, tmp_path):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     recipe = _recipe(zoo, s3_endpoint, bucket, tmp_path / "work")
     name = "model.layers.0.mlp.up_proj.weight"
@@ -120,7 +120,7 @@ def test_shape_mismatch_fails_the_flow_and_publishes_nothing(zoo, s3_endpoint, b
     ],
 )
 def test_bad_input_fails_with_one_clear_line(zoo, s3_endpoint, bucket, prefect_api, tmp_path, patch, message):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     state = merge_flow(_recipe(zoo, s3_endpoint, bucket, tmp_path / "work", **patch), return_state=True)
     assert state.is_failed()

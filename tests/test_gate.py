@@ -3,7 +3,7 @@
 import pytest
 
 from metamerge.errors import GateError, RecipeError
-from metamerge.gate import PublishedBaseline, baseline_from_manifest, check_gate
+from metamerge.evaluation.gate import PublishedBaseline, baseline_from_manifest, check_gate
 from metamerge.recipe import Gate, parse_recipe
 
 EVALUATED = {"name": "m", "base": "/b", "finetunes": [{"ref": "/f1", "name": "a", "tasks": ["t1"]}],

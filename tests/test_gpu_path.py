@@ -4,9 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metamerge.coefficients import solve_constant, solve_metagpt
-from metamerge.merge import merge_checkpoints, resolve_device
-from metamerge.methods import MergePlan
+from metamerge.engine.coefficients import solve_constant, solve_metagpt
+from metamerge.engine.merge import merge_checkpoints
+from metamerge.engine.streaming import resolve_device
+from metamerge.methods.plan import MergePlan
 from tests.helpers import random_family
 
 LABELS = ["ft0", "ft1", "ft2"]
@@ -49,8 +50,8 @@ def test_cuda_equals_cpu(tmp_path, method):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_relative_norms_bound_and_base_nan(tmp_path):
     """Issue 13 #8 on the CUDA path: the merge pass's ‖τ‖/‖θ₀‖, its bound, and NaN blamed on the base."""
+    from metamerge.engine.taskvectors import extract_stats
     from metamerge.errors import CheckpointError
-    from metamerge.taskvectors import extract_stats
     from tests.helpers import write_checkpoint
 
     base_dir, ft_dirs, base, _ = random_family(tmp_path / "fam", n_finetunes=2)

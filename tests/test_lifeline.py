@@ -27,7 +27,7 @@ def _wait_until_gone(key: str, value: str, timeout: float = 15.0) -> float:
 
 def test_children_die_with_a_sigkilled_parent(tmp_path):
     """Any child (here two levels of them) is terminated once the process that installed the lifeline dies."""
-    code = ("import subprocess, sys, time; from metamerge import lifeline; lifeline.install(); "
+    code = ("import subprocess, sys, time; from metamerge_prefect import lifeline; lifeline.install(); "
             "subprocess.Popen([sys.executable, '-c', 'import subprocess, time; "
             "subprocess.Popen([\"sleep\", \"600\"]); time.sleep(600)']); print('ready', flush=True); time.sleep(600)")
     marker = f"lifeline-test-{os.getpid()}-{time.time_ns()}"
@@ -55,7 +55,7 @@ def test_sigkill_of_metamerge_run_leaves_no_prefect_server(zoo, s3_endpoint, buc
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": home, "METAMERGE_TEST_HANG_AT": "merge",
            "METAMERGE_TEST_HANG_MARKER": str(marker)}
     env.pop("PREFECT_API_URL", None)
-    cli = subprocess.Popen([sys.executable, "-c", "from metamerge.cli import main; main()", "run", str(path)],
+    cli = subprocess.Popen([sys.executable, "-c", "from metamerge_prefect.cli import main; main()", "run", str(path)],
                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not marker.exists():

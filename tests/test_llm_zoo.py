@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.llm, pytest.mark.slow, pytest.mark.quality]
 
 @pytest.fixture(scope="module")
 def llm_zoo():
-    from metamerge.llm_zoo import build_llm_zoo
+    from metamerge.demo.llm_zoo import build_llm_zoo
 
     return build_llm_zoo(REPO / ".cache" / "llm-zoo")
 
@@ -69,17 +69,18 @@ def test_checkpoints_share_tensor_names_and_keep_embeddings_tied(llm_zoo):
 
 def test_each_finetune_learned_its_skill_and_the_base_did_not(llm_zoo):
     """lm-eval agrees with the zoo's own measurements, which meet its contract on this CPU."""
-    from metamerge.evaluate import EvalSpec, evaluate_model
+    from metamerge.evaluation.backend import EvalSpec
+    from metamerge.evaluation.lmeval import lm_eval_scores
     from tests.zoo_reference import one_example
 
     contract = llm_zoo.contract
     tasks = tuple(llm_zoo.task_names[label] for label in llm_zoo.finetunes)
     spec = EvalSpec(tasks=tasks, tasks_dir=llm_zoo.tasks_dir, batch_size=32)
-    base = {t: r["score"] for t, r in evaluate_model(llm_zoo.base, spec).items()}
+    base = {t: r["score"] for t, r in lm_eval_scores(llm_zoo.base, spec).items()}
     for label, folder in llm_zoo.finetunes.items():
         task = llm_zoo.task_names[label]
         one = one_example(llm_zoo, task)
-        own = evaluate_model(folder, EvalSpec(tasks=(task,), tasks_dir=llm_zoo.tasks_dir, batch_size=32))
+        own = lm_eval_scores(folder, EvalSpec(tasks=(task,), tasks_dir=llm_zoo.tasks_dir, batch_size=32))
         score = own[task]["score"]
         assert score == pytest.approx(llm_zoo.own_score(label), abs=one), (label, score)
         assert score >= contract["bar"] - one, (label, score)
@@ -88,7 +89,7 @@ def test_each_finetune_learned_its_skill_and_the_base_did_not(llm_zoo):
 
 
 def test_cache_is_reused(llm_zoo, monkeypatch):
-    from metamerge import llm_zoo as module
+    from metamerge.demo import llm_zoo as module
 
     calls: list[str] = []
 
@@ -112,7 +113,7 @@ def test_cache_is_reused(llm_zoo, monkeypatch):
 def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     import importlib.util
 
-    from metamerge import llm_zoo
+    from metamerge.demo import llm_zoo
     from metamerge.errors import InputError
 
     real = importlib.util.find_spec
@@ -128,7 +129,7 @@ def test_demo_llm_merges_the_real_finetunes_and_writes_the_table(llm_zoo, tmp_pa
     from safetensors import safe_open
     from typer.testing import CliRunner
 
-    from metamerge.cli import app
+    from metamerge_prefect.cli import app
 
     result = CliRunner().invoke(app, ["demo-llm", "--out", str(tmp_path / "demo"), "--methods", "metagpt,average"])
     assert result.exit_code == 0, result.output

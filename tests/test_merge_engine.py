@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metamerge.checkpoint import CheckpointReader
-from metamerge.coefficients import solve_constant, solve_metagpt
+from metamerge.engine.checkpoint import CheckpointReader
+from metamerge.engine.coefficients import solve_constant, solve_metagpt
+from metamerge.engine.merge import merge_checkpoints
+from metamerge.engine.taskvectors import extract_stats
 from metamerge.errors import CheckpointError, OutputError
-from metamerge.merge import merge_checkpoints
-from metamerge.methods import MergePlan
-from metamerge.taskvectors import extract_stats
+from metamerge.methods.plan import MergePlan
 from tests.helpers import random_family, write_checkpoint
 
 LABELS = ["ft0", "ft1", "ft2"]
@@ -160,7 +160,7 @@ def test_an_existing_output_is_replaced_atomically(tmp_path):
 
 def test_only_an_earlier_metamerge_output_is_ever_replaced(tmp_path):
     """Issue 13 #1: a folder metamerge did not write is never touched; its own output only when asked."""
-    from metamerge.outputs import OUTPUT_MARKER
+    from metamerge.io.outputs import OUTPUT_MARKER
 
     base_dir, ft_dirs, *_ = random_family(tmp_path, n_finetunes=2)
     args = ([("ft0", ft_dirs[0]), ("ft1", ft_dirs[1])], solve_constant(["ft0", "ft1"], 0.5, "average"),

@@ -5,10 +5,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metamerge import stages
-from metamerge.coefficients import solve_metagpt
-from metamerge.merge import merge_checkpoints
-from metamerge.methods import MergePlan, combine, dare_generator, plan_for, random_mask
+from metamerge.engine.coefficients import solve_metagpt
+from metamerge.engine.merge import merge_checkpoints
+from metamerge.methods.kernels import combine, dare_generator, random_mask
+from metamerge.methods.plan import MergePlan
+from metamerge.methods.registry import plan_for
+from metamerge.pipeline import merge as merge_stage
+from metamerge.pipeline.extract import extract
+from metamerge.pipeline.inputs import resolve
+from metamerge.pipeline.solve import solve
 from metamerge.recipe import parse_recipe
 from tests.helpers import random_family, write_checkpoint
 
@@ -21,11 +26,11 @@ def _run(tmp_path, method: dict, dtype=torch.float32, family=random_family):
                            "finetunes": [{"ref": str(d), "name": n} for d, n in zip(ft_dirs, LABELS, strict=True)],
                            "merge": {"device": "cpu"}})
     plan = plan_for(recipe.method)
-    resolved = stages.resolve(recipe.base, tmp_path / "w")
-    fts_resolved = [stages.resolve(f.ref, tmp_path / "w") for f in recipe.finetunes]
-    stats = [stages.extract(resolved, f, n, plan, "base", tmp_path / "w") for f, n in zip(fts_resolved, LABELS, strict=True)]
-    coefficients = stages.solve(LABELS, stats, plan, recipe.method.name)
-    out = stages.merge(recipe, resolved, fts_resolved, coefficients)
+    resolved = resolve(recipe.base, tmp_path / "w")
+    fts_resolved = [resolve(f.ref, tmp_path / "w") for f in recipe.finetunes]
+    stats = [extract(resolved, f, n, plan, "base", tmp_path / "w") for f, n in zip(fts_resolved, LABELS, strict=True)]
+    coefficients = solve(LABELS, stats, plan, recipe.method.name)
+    out = merge_stage.merge(recipe, resolved, fts_resolved, coefficients)
     merged = {}
     for f in (tmp_path / out.path).glob("*.safetensors"):
         merged.update(load_file(str(f)))
@@ -245,7 +250,7 @@ def test_engine_equals_kernel_on_odd_shapes_with_sharding(tmp_path):
     for f in files:
         got.update(load_file(str(f)))
     assert set(got) == set(base)
-    from metamerge.checkpoint import CheckpointReader
+    from metamerge.engine.checkpoint import CheckpointReader
 
     reader = CheckpointReader(out)  # through model.safetensors.index.json, as transformers reads it
     assert all(torch.equal(reader.read(k), got[k]) for k in base)
@@ -259,7 +264,7 @@ def test_engine_equals_kernel_on_odd_shapes_with_sharding(tmp_path):
                                     {"name": "ties"}])
 def test_row_chunking_gives_the_same_merge_where_it_applies(tmp_path, monkeypatch, method):
     """Chunked streaming (bounded memory) must not change results; DARE's masks are drawn per chunk."""
-    from metamerge import checkpoint
+    from metamerge.engine import checkpoint
 
     _, _, whole, _ = _run(tmp_path / "whole", method)
     monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 50)
@@ -284,7 +289,7 @@ def test_row_chunking_gives_the_same_merge_where_it_applies(tmp_path, monkeypatc
 
 def test_dare_masks_are_drawn_per_row_chunk(tmp_path, monkeypatch):
     """Chunked streaming draws each chunk's mask from its own stream: no chunk repeats another's."""
-    from metamerge import checkpoint
+    from metamerge.engine import checkpoint
 
     monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 5 * PROBE_SHAPE[1])  # 25 chunks of 5 rows
     _, _, merged, _ = _run(tmp_path, {"name": "dare", "seed": 4, "density": 0.2, "lambda": 0.5}, family=_probe_family)
@@ -296,7 +301,7 @@ def test_dare_masks_are_drawn_per_row_chunk(tmp_path, monkeypatch):
 
 
 def test_kth_largest_is_exact_on_large_tensors_with_ties():
-    from metamerge.methods import kth_largest, magnitude_mask
+    from metamerge.methods.kernels import kth_largest, magnitude_mask
 
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(3_000_000, generator=gen).to(torch.bfloat16).float().abs()  # many exact ties
@@ -316,10 +321,10 @@ def test_engine_output_files_equal_dense_reference_on_the_zoo(zoo, tmp_path, met
                            "finetunes": [{"ref": str(p), "name": n} for n, p in zoo.finetunes.items()],
                            "merge": {"device": "cpu", "shard_size_mb": 2}})
     plan = plan_for(recipe.method)
-    b = stages.resolve(recipe.base, tmp_path)
-    fs = [stages.resolve(f.ref, tmp_path) for f in recipe.finetunes]
-    stats = [stages.extract(b, f, n, plan, "base", tmp_path) for f, n in zip(fs, labels, strict=True)]
-    out = stages.merge(recipe, b, fs, stages.solve(labels, stats, plan, method))
+    b = resolve(recipe.base, tmp_path)
+    fs = [resolve(f.ref, tmp_path) for f in recipe.finetunes]
+    stats = [extract(b, f, n, plan, "base", tmp_path) for f, n in zip(fs, labels, strict=True)]
+    out = merge_stage.merge(recipe, b, fs, solve(labels, stats, plan, method))
     got = {}
     for f in (tmp_path / out.path).glob("*.safetensors"):
         got.update(load_file(str(f)))

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from metamerge.cli import app
+from metamerge_prefect.cli import app
 from tests.helpers import random_family
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_out_that_is_a_file_is_refused_and_not_renamed(family):
 
 
 def test_replace_only_an_earlier_merge_output(family):
-    from metamerge import outputs
+    from metamerge.io import outputs
 
     recipe, _, _, tmp_path = family
     out = tmp_path / "merged"
@@ -105,7 +105,7 @@ def test_replace_only_an_earlier_merge_output(family):
 
 def test_workdir_and_local_publish_target_follow_the_same_rule(family, tmp_path):
     from metamerge.errors import OutputError
-    from metamerge.preflight import preflight
+    from metamerge.pipeline.preflight import preflight
     from metamerge.recipe import load_recipe
 
     recipe, base, _, _ = family
@@ -121,7 +121,7 @@ def test_workdir_and_local_publish_target_follow_the_same_rule(family, tmp_path)
 
 def test_local_publish_never_writes_into_a_run_folder_it_did_not_create(tmp_path):
     from metamerge.errors import OutputError
-    from metamerge.storage import publish_run
+    from metamerge.io.publish import publish_run
 
     (tmp_path / "a.bin").write_bytes(b"a")
     run_dir = tmp_path / "pub" / "m" / "r1"
@@ -141,12 +141,12 @@ def test_local_publish_never_writes_into_a_run_folder_it_did_not_create(tmp_path
 
 def _cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-c", "from metamerge.cli import main; main()", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-c", "from metamerge_prefect.cli import main; main()", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_merge_cleans_the_temporary_a_killed_merge_left(family):
-    from metamerge import outputs
+    from metamerge.io import outputs
 
     recipe, _, _, tmp_path = family
     out = tmp_path / "merged"
@@ -180,7 +180,7 @@ def test_merge_cleans_the_temporary_a_killed_merge_left(family):
 
 def test_a_temporary_is_reclaimed_only_once_its_owner_is_dead(tmp_path):
     """The lock, not the pid, decides: a live owner (another process) keeps its folder."""
-    from metamerge import outputs
+    from metamerge.io import outputs
 
     out = tmp_path / "out"
     code = ("import sys, time; from pathlib import Path; from metamerge import outputs; "

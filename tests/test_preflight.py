@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from metamerge.errors import InputError, TransientError, WriteError
+from metamerge.io.s3 import s3_client
 from metamerge.recipe import load_recipe
-from metamerge.storage import s3_client
 from tests.helpers import random_family
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def _closed_port() -> int:
 
 
 def test_probe_checks_write_access_and_leaves_nothing(tmp_path, s3_endpoint, bucket):
-    from metamerge.preflight import preflight
+    from metamerge.pipeline.preflight import preflight
 
     recipe = load_recipe(_recipe(tmp_path, publish={"target": f"s3://{bucket}/merges", "endpoint_url": s3_endpoint},
                                  results=f"s3://{bucket}/results", endpoint_url=s3_endpoint))
@@ -51,7 +51,7 @@ def test_probe_checks_write_access_and_leaves_nothing(tmp_path, s3_endpoint, buc
 
 @pytest.mark.parametrize("which", ["publish", "results"])
 def test_missing_bucket_is_named(tmp_path, s3_endpoint, bucket, which):
-    from metamerge.preflight import preflight
+    from metamerge.pipeline.preflight import preflight
 
     good, bad = f"s3://{bucket}/x", "s3://no-such-bucket-here/x"
     recipe = load_recipe(_recipe(tmp_path, endpoint_url=s3_endpoint,
@@ -64,7 +64,7 @@ def test_missing_bucket_is_named(tmp_path, s3_endpoint, bucket, which):
 
 
 def test_unreachable_endpoint_fails_within_seconds(tmp_path):
-    from metamerge.preflight import preflight
+    from metamerge.pipeline.preflight import preflight
 
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     recipe = load_recipe(_recipe(tmp_path, publish={"target": "s3://bucket/x", "endpoint_url": endpoint}))
@@ -79,7 +79,7 @@ def test_workdir_and_local_target_on_one_small_disk_need_room_for_two_copies(tmp
     """The estimate sums what lands on one file system: workdir copy + published copy."""
     import torch
 
-    from metamerge.preflight import preflight
+    from metamerge.pipeline.preflight import preflight
     from tests.helpers import write_checkpoint
 
     small = tmp_path / "small"
@@ -109,7 +109,7 @@ def _run_cli(recipe: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess,
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", "from metamerge.cli import main; main()", "run", str(recipe)],
+    done = subprocess.run([sys.executable, "-c", "from metamerge_prefect.cli import main; main()", "run", str(recipe)],
                           capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     return done, time.monotonic() - started
 
@@ -143,7 +143,7 @@ def test_metamerge_run_to_an_unreachable_endpoint_fails_before_merging(tmp_path)
 @pytest.mark.slow
 def test_flow_preflight_fails_before_any_task(tmp_path, s3_endpoint, prefect_api):
     """Deployments and event triggers start merge_flow without the CLI: the flow runs the preflight too."""
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
     from tests.flowtools import task_states
 
     recipe = yaml.safe_load(_recipe(tmp_path, publish={"target": "s3://no-such-bucket-here/m",
@@ -159,7 +159,7 @@ def test_flow_preflight_fails_before_any_task(tmp_path, s3_endpoint, prefect_api
 
 def test_merge_only_does_not_check_what_it_does_not_use(tmp_path):
     """`metamerge merge --out` publishes nothing: an unusable publish target is no reason to refuse it."""
-    from metamerge.preflight import preflight
+    from metamerge.pipeline.preflight import preflight
 
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     recipe = load_recipe(_recipe(tmp_path, publish={"target": "s3://bucket/x", "endpoint_url": endpoint},
@@ -171,7 +171,7 @@ def test_merge_only_does_not_check_what_it_does_not_use(tmp_path):
 
 def test_a_server_that_answers_5xx_is_reachable_and_only_warned_about(tmp_path, s3_endpoint, bucket):
     """Unreachable fails; a failing but answering server is left to the stages' retries (tests/test_faults.py)."""
-    from metamerge.preflight import preflight
+    from metamerge.pipeline.preflight import preflight
     from tests.faultproxy import FaultProxy
 
     with FaultProxy(s3_endpoint, always=True, mode="503") as proxy:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from metamerge.errors import RecipeError
-from metamerge.quality import Comparison, method_label, parse_method
+from metamerge.evaluation.compare import Comparison, method_label, parse_method
 
 
 def _run(merged_label: str, merged: dict, lam: dict) -> dict:

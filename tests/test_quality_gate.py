@@ -2,7 +2,7 @@
 
 import pytest
 
-from metamerge.storage import latest_manifest
+from metamerge.io.manifests import latest_manifest
 from tests.flowtools import bucket_keys, flow_artifacts, zoo_recipe
 from tests.zoo_reference import one_example
 
@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.quality]
 
 
 def test_gate_refuses_a_regression_and_a_low_score_and_publishes_nothing(zoo, s3_endpoint, bucket, prefect_api, tmp_path):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     # one fine-tune: λ = 1, so the first merge is that fine-tune (avg_norm ≈ 1) and a near-base merge
     # falls below it by the zoo's contract (own ≥ bar, base ≤ ceiling) on any CPU

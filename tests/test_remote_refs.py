@@ -6,7 +6,8 @@ import pytest
 
 from metamerge import refs
 from metamerge.errors import RefError
-from metamerge.storage import s3_client
+from metamerge.io.s3 import s3_client
+from metamerge.refs import s3 as s3_refs
 from tests.helpers import random_family
 
 
@@ -20,8 +21,8 @@ def test_s3_ref_downloads_once_and_follows_changes(tmp_path, s3_endpoint, bucket
     base_dir, ft_dirs, *_ = random_family(tmp_path, n_finetunes=2)
     _upload(ft_dirs[1], s3_endpoint, bucket, "registry/ft1")
     downloads = []
-    real = refs._download
-    monkeypatch.setattr(refs, "_download", lambda *a: downloads.append(a[3]) or real(*a))
+    real = s3_refs._download
+    monkeypatch.setattr(s3_refs, "_download", lambda *a: downloads.append(a[3]) or real(*a))
     ref = f"s3://{bucket}/registry/ft1"
     first = refs.resolve_ref(ref, tmp_path / "cache", s3_endpoint)
     assert (first.path / "model.safetensors").read_bytes() == (ft_dirs[1] / "model.safetensors").read_bytes()
@@ -72,14 +73,14 @@ def test_hf_ref_offline_from_local_cache(tmp_path, monkeypatch):
 def test_s3_ref_to_a_published_run_is_fingerprinted_by_its_manifest(tmp_path, s3_endpoint, bucket, monkeypatch):
     """README: an s3:// ref's fingerprint comes from its `manifest.json` when it has one (a published run)."""
     from metamerge.errors import TransientError
-    from metamerge.storage import publish_run
+    from metamerge.io.publish import publish_run
 
     _, ft_dirs, *_ = random_family(tmp_path / "models", n_finetunes=1)
     files = {f.name: f for f in ft_dirs[0].iterdir()}
     published = publish_run(files, f"s3://{bucket}/merges", "m", "r1", endpoint_url=s3_endpoint)
     downloads = []
-    real = refs._download
-    monkeypatch.setattr(refs, "_download", lambda *a: downloads.append(a[3]) or real(*a))
+    real = s3_refs._download
+    monkeypatch.setattr(s3_refs, "_download", lambda *a: downloads.append(a[3]) or real(*a))
     first = refs.resolve_ref(published.run_uri, tmp_path / "cache", s3_endpoint)
     # exactly the files the manifest lists, byte for byte (not the manifest, the claim or latest.json)
     assert {p.name for p in first.path.iterdir() if not p.name.startswith(".")} == set(files)

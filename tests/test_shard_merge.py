@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from metamerge import checkpoint
-from metamerge.coefficients import solve_constant, solve_metagpt
+from metamerge.engine import checkpoint
+from metamerge.engine.coefficients import solve_constant, solve_metagpt
+from metamerge.engine.merge import merge_checkpoints
+from metamerge.engine.shards import assemble_shard_files, merge_shard_file, output_shard_files
+from metamerge.engine.taskvectors import extract_stats
 from metamerge.errors import CheckpointError
-from metamerge.merge import finalize_merge, merge_checkpoints, merge_shard, output_shard_files
-from metamerge.methods import MergePlan
-from metamerge.taskvectors import extract_stats
+from metamerge.methods.plan import MergePlan
 from tests.helpers import random_family
 
 LABELS = ["ft0", "ft1", "ft2"]
@@ -51,10 +52,10 @@ def test_per_shard_merge_is_byte_identical_to_whole_model(tmp_path, monkeypatch,
     staged = tmp_path / "staged"
     staged.mkdir()
     # out of order, as workers would finish them
-    reports = [merge_shard(base_dir, finetunes, coefficients, plan, staged, i, **opts) for i in reversed(range(len(names)))]
+    reports = [merge_shard_file(base_dir, finetunes, coefficients, plan, staged, i, **opts) for i in reversed(range(len(names)))]
     assert sorted(r.filename for r in reports) == sorted(names)
     assert not [p for p in staged.iterdir() if p.name.startswith(".")], "temporary files left behind"
-    final = finalize_merge(base_dir, reports, LABELS, tmp_path / "sharded", dtype=dtype, shard_size_mb=SHARD_MB)
+    final = assemble_shard_files(base_dir, reports, LABELS, tmp_path / "sharded", dtype=dtype, shard_size_mb=SHARD_MB)
 
     want, got = _files(tmp_path / "whole"), _files(tmp_path / "sharded")
     assert list(got) == list(want)
@@ -75,16 +76,16 @@ def test_finalize_refuses_a_missing_shard_and_leaves_nothing(tmp_path):
     plan = MergePlan(weighting="constant", weight=0.3)
     staged = tmp_path / "staged"
     staged.mkdir()
-    reports = [merge_shard(base_dir, finetunes, coefficients, plan, staged, i, device="cpu", shard_size_mb=SHARD_MB)
+    reports = [merge_shard_file(base_dir, finetunes, coefficients, plan, staged, i, device="cpu", shard_size_mb=SHARD_MB)
                for i in range(len(output_shard_files(base_dir, "auto", SHARD_MB)))]
     with pytest.raises(CheckpointError, match="do not match the plan"):
-        finalize_merge(base_dir, reports[1:], LABELS, tmp_path / "out", shard_size_mb=SHARD_MB)
+        assemble_shard_files(base_dir, reports[1:], LABELS, tmp_path / "out", shard_size_mb=SHARD_MB)
     # a shard whose bytes were cut short is caught by the whole-checkpoint verification
     truncated = staged / reports[0].filename
     truncated.write_bytes(truncated.read_bytes()[:-8])
     with pytest.raises(CheckpointError, match="truncated"):
-        finalize_merge(base_dir, reports, LABELS, tmp_path / "out", shard_size_mb=SHARD_MB)
+        assemble_shard_files(base_dir, reports, LABELS, tmp_path / "out", shard_size_mb=SHARD_MB)
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.tmp-*"))
     with pytest.raises(CheckpointError, match="does not exist"):
-        merge_shard(base_dir, finetunes, coefficients, plan, staged, 99, device="cpu", shard_size_mb=SHARD_MB)
+        merge_shard_file(base_dir, finetunes, coefficients, plan, staged, 99, device="cpu", shard_size_mb=SHARD_MB)

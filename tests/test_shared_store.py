@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from metamerge.errors import InputError, TransientError
-from metamerge.shared import SharedStore
-from metamerge.storage import s3_client
+from metamerge.io.s3 import s3_client
+from metamerge.io.shared import SharedStore
 
 
 def test_put_then_fetch_on_a_machine_without_the_files(tmp_path, s3_endpoint, bucket):
@@ -66,8 +66,12 @@ def test_sharded_stages_need_only_s3_between_machines(tmp_path, s3_endpoint, buc
     """Shard files are removed from the local disk before finalize, as on another machine."""
     import shutil
 
-    from metamerge import stages
-    from metamerge.coefficients import solve_constant
+    from metamerge.engine.coefficients import solve_constant
+    from metamerge.pipeline import merge as merge_stage
+    from metamerge.pipeline.inputs import resolve
+    from metamerge.pipeline.keys import merge_report_path, merged_dir, shard_dir
+    from metamerge.pipeline.merge import merge_available
+    from metamerge.pipeline.shards import finalize_sharded_merge, merge_output_shard, plan_merge_shards
     from metamerge.recipe import parse_recipe
     from tests.helpers import random_family
 
@@ -79,22 +83,22 @@ def test_sharded_stages_need_only_s3_between_machines(tmp_path, s3_endpoint, buc
                              "runner": runner})
     local = recipe(tmp_path / "local", "local")
     dask = recipe(tmp_path / "wd", {"kind": "dask", "storage": f"s3://{bucket}/shared"})
-    base = stages.resolve(str(base_dir), tmp_path / "wd")
-    fts = [stages.resolve(str(d), tmp_path / "wd") for d in ft_dirs]
+    base = resolve(str(base_dir), tmp_path / "wd")
+    fts = [resolve(str(d), tmp_path / "wd") for d in ft_dirs]
     coefficients = solve_constant([f"ft{i}" for i in range(len(ft_dirs))], 1 / len(ft_dirs), "average")
-    want = stages.merge(local, base, fts, coefficients)
+    want = merge_stage.merge(local, base, fts, coefficients)
 
-    names = stages.plan_merge_shards(dask, base)
+    names = plan_merge_shards(dask, base)
     assert len(names) >= 3 and len(list(Path(want.path).glob("*.safetensors"))) == len(names), names
-    shards = [stages.merge_shard(dask, base, fts, coefficients, i) for i in range(len(names))]
-    shutil.rmtree(stages.shard_dir(dask, base, fts, coefficients))
-    got = stages.finalize_merge(dask, base, fts, coefficients, shards)
+    shards = [merge_output_shard(dask, base, fts, coefficients, i) for i in range(len(names))]
+    shutil.rmtree(shard_dir(dask, base, fts, coefficients))
+    got = finalize_sharded_merge(dask, base, fts, coefficients, shards)
     assert got.fingerprint == want.fingerprint
-    assert not stages.shard_dir(dask, base, fts, coefficients).exists()
+    assert not shard_dir(dask, base, fts, coefficients).exists()
     # the merged model is in S3 for evaluation / publishing elsewhere; a finalize re-run fetches it back
-    out = stages.merged_dir(dask, base, fts, coefficients)
+    out = merged_dir(dask, base, fts, coefficients)
     shutil.rmtree(out)
-    stages.merge_report_path(out).unlink()
-    assert stages.merge_available(dask, base, fts, coefficients)
-    again = stages.finalize_merge(dask, base, fts, coefficients, shards)
+    merge_report_path(out).unlink()
+    assert merge_available(dask, base, fts, coefficients)
+    again = finalize_sharded_merge(dask, base, fts, coefficients, shards)
     assert again.fingerprint == want.fingerprint and again.report["shards"] == got.report["shards"]

@@ -7,7 +7,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from metamerge.errors import InputError, TransientError
-from metamerge.storage import latest_manifest, publish_run, read_json, s3_client
+from metamerge.io.manifests import latest_manifest, read_json
+from metamerge.io.publish import publish_run
+from metamerge.io.s3 import s3_client
 from tests.faultproxy import FaultProxy
 
 
@@ -134,7 +136,7 @@ def _assert_objects_match_manifest(client, bucket, prefix):
 
 def test_an_upload_verifies_the_bytes_it_sent(tmp_path, s3_endpoint, bucket):
     """Issue 13 #9: the file changed after it was hashed: the object is removed, not left lying."""
-    from metamerge.storage import upload_unless_present
+    from metamerge.io.s3 import upload_unless_present
 
     path = tmp_path / "report.md"
     path.write_bytes(b"A" * 100)
@@ -147,36 +149,36 @@ def test_an_upload_verifies_the_bytes_it_sent(tmp_path, s3_endpoint, bucket):
 
 
 def test_multipart_uploads_verify_their_bytes_too(tmp_path, s3_endpoint, bucket, monkeypatch):
-    from metamerge import storage
+    from metamerge.io import s3
 
-    monkeypatch.setattr(storage, "MULTIPART_BYTES", 5 * 1024 * 1024)
-    monkeypatch.setattr(storage, "PART_BYTES", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3, "MULTIPART_BYTES", 5 * 1024 * 1024)
+    monkeypatch.setattr(s3, "PART_BYTES", 5 * 1024 * 1024)
     data = bytes(range(256)) * (11 * 4096)  # 11 MB: three parts
     path = tmp_path / "model.safetensors"
     path.write_bytes(data)
     meta = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     client = s3_client(s3_endpoint)
-    assert storage.upload_unless_present(client, bucket, "p/model.safetensors", path, meta)
+    assert s3.upload_unless_present(client, bucket, "p/model.safetensors", path, meta)
     assert client.get_object(Bucket=bucket, Key="p/model.safetensors")["Body"].read() == data
     path.write_bytes(data[::-1])
     with pytest.raises(TransientError, match="changed while it was uploaded"):
-        storage.upload_unless_present(client, bucket, "p/other.safetensors", path, meta)
+        s3.upload_unless_present(client, bucket, "p/other.safetensors", path, meta)
     assert "p/other.safetensors" not in {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
 
 
 def test_a_document_rewritten_during_a_publish_never_gets_a_lying_manifest(tmp_path, s3_endpoint, bucket, monkeypatch):
     """What a concurrent run did to the shared staging folder (issue 13 #9), replayed deterministically."""
-    from metamerge import storage
+    from metamerge.io import publish
 
     files = _files(tmp_path, {"model.safetensors": b"m" * 1000, "report.md": b"run A: 1.23 s"})
-    real_build = storage.build_manifest
+    real_build = publish.build_manifest
 
     def build_then_other_run_rewrites(*args, **kwargs):
         manifest = real_build(*args, **kwargs)
         files["report.md"].write_bytes(b"run B: 4.56 s")  # same size, other bytes
         return manifest
 
-    monkeypatch.setattr(storage, "build_manifest", build_then_other_run_rewrites)
+    monkeypatch.setattr(publish, "build_manifest", build_then_other_run_rewrites)
     client = s3_client(s3_endpoint)
     with pytest.raises(TransientError, match="report.md changed while it was uploaded"):
         publish_run(files, f"s3://{bucket}/p", "m", "r", endpoint_url=s3_endpoint)

@@ -21,11 +21,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from metamerge.coefficients import solve_constant
+from metamerge.engine.coefficients import solve_constant
+from metamerge.engine.merge import merge_checkpoints
+from metamerge.engine.taskvectors import extract_stats
 from metamerge.errors import CheckpointError
-from metamerge.merge import merge_checkpoints
-from metamerge.methods import MergePlan
-from metamerge.taskvectors import extract_stats
+from metamerge.methods.plan import MergePlan
 from tests.helpers import random_family, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def _cli_merge(recipe: dict, tmp_path: Path) -> tuple[subprocess.CompletedProces
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", "from metamerge.cli import main; main()", "merge", str(path),
+    done = subprocess.run([sys.executable, "-c", "from metamerge_prefect.cli import main; main()", "merge", str(path),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
     return done, time.monotonic() - started
 
@@ -123,7 +123,7 @@ def test_dropped_vocabulary_rows_are_reported_by_merge(tmp_path):
 
 
 def test_report_and_lambda_artifact_carry_norms_and_dropped_rows(tmp_path, prefect_api):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
     from tests.flowtools import flow_artifacts
 
     base_dir, fts = _with_added_tokens(tmp_path)

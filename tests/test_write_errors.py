@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 
-from metamerge.coefficients import solve_constant
+from metamerge.engine.coefficients import solve_constant
+from metamerge.engine.merge import merge_checkpoints
 from metamerge.errors import WriteError, is_retryable
-from metamerge.merge import merge_checkpoints
-from metamerge.methods import MergePlan
-from metamerge.storage import publish_run
+from metamerge.io.publish import publish_run
+from metamerge.methods.plan import MergePlan
 from tests.helpers import random_family, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +89,7 @@ def test_cli_merge_onto_a_too_small_disk_fails_in_seconds(tmp_path, tmpfs):
                                       "workdir": str(tmp_path / "work")}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", "from metamerge.cli import main; main()", "merge", str(recipe),
+    done = subprocess.run([sys.executable, "-c", "from metamerge_prefect.cli import main; main()", "merge", str(recipe),
                            "--out", str(small / "out")], capture_output=True, text=True, env=env, timeout=300)
     elapsed = time.monotonic() - started
     assert done.returncode == 1
@@ -128,20 +128,20 @@ def test_flow_with_a_read_only_target_fails_once_in_seconds(tmp_path, tmpfs, pre
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.merge_flow import merge_flow
-    from metamerge import stages
+    from metamerge_prefect.flows.merge_flow import merge_flow
+    from metamerge_prefect.tasks import publish as publish_task_module
 
     base, fts, *_ = random_family(tmp_path / "models", n_finetunes=2)
     target = tmpfs("5m")
     recipe = {"name": "m", "base": str(base), "finetunes": [str(f) for f in fts], "merge": {"device": "cpu"},
               "publish": {"target": str(target / "pub")}, "workdir": str(tmp_path / "work")}
-    real_publish = stages.publish
+    real_publish = publish_task_module.publish
 
     def publish_after_remount(*args, **kwargs):
         subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
         return real_publish(*args, **kwargs)
 
-    monkeypatch.setattr(stages, "publish", publish_after_remount)
+    monkeypatch.setattr(publish_task_module, "publish", publish_after_remount)
     started = time.monotonic()
     state = merge_flow(recipe, return_state=True)
     assert state.is_failed()
@@ -157,7 +157,7 @@ def test_flow_with_a_read_only_target_fails_once_in_seconds(tmp_path, tmpfs, pre
 
 @pytest.mark.slow
 def test_flow_preflight_refuses_a_read_only_target_before_merging(tmp_path, tmpfs, prefect_api):
-    from flows.merge_flow import merge_flow
+    from metamerge_prefect.flows.merge_flow import merge_flow
 
     base, fts, *_ = random_family(tmp_path / "models", n_finetunes=2)
     read_only = tmpfs("5m", read_only=True)
@@ -177,14 +177,14 @@ def test_flow_preflight_refuses_a_read_only_target_before_merging(tmp_path, tmpf
                                              (errno.EROFS, "Read-only file system (EROFS)"),
                                              (errno.EACCES, "Permission denied (EACCES)")])
 def test_injected_write_failure_in_the_merge(tmp_path, monkeypatch, code, words):
-    from metamerge import checkpoint
+    from metamerge.engine import writer
 
     base_dir, ft_dirs, *_ = random_family(tmp_path / "models", n_finetunes=2)
 
     def failing_write(self, name, tensor):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(checkpoint.ShardedWriter, "write", failing_write)
+    monkeypatch.setattr(writer.ShardedWriter, "write", failing_write)
     out = tmp_path / "out" / "merged"
     with pytest.raises(WriteError) as info:
         _merge_into(base_dir, [("ft0", ft_dirs[0]), ("ft1", ft_dirs[1])], out)
@@ -194,12 +194,12 @@ def test_injected_write_failure_in_the_merge(tmp_path, monkeypatch, code, words)
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_injected_write_failure_in_a_local_publish(tmp_path, monkeypatch, code):
-    from metamerge import storage
+    from metamerge.io import publish
 
     def failing_copy(source, dest, meta):
         raise OSError(code, os.strerror(code), str(dest))
 
-    monkeypatch.setattr(storage, "_copy_verified", failing_copy)
+    monkeypatch.setattr(publish, "_copy_verified", failing_copy)
     (tmp_path / "a.bin").write_bytes(b"a")
     with pytest.raises(WriteError, match=rf"cannot write {tmp_path / 'pub' / 'm' / 'r1'}: ") as info:
         publish_run({"a.bin": tmp_path / "a.bin"}, str(tmp_path / "pub"), "m", "r1")

@@ -51,7 +51,7 @@ def accuracy_of_state(zoo, state: dict, task: str) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from metamerge.zoo_contract import multiple_choice_accuracy
+    from metamerge.demo.contract import multiple_choice_accuracy
 
     model = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32)
     model.load_state_dict(state)

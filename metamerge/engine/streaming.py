@@ -1,0 +1,248 @@
+"""The streaming loop: θ = θ₀ + Δ(τ_1..τ_T), one tensor (or row chunk) at a time.
+
+For each piece it reads the base and every fine-tune (mmap), computes in float32 on the
+chosen device, writes the result straight into the output shard, and forgets it. Reading the
+next piece overlaps with computing this one (a background thread; pinned buffers on CUDA),
+and writing overlaps with the next read. Peak memory is a few tensors, never the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from metamerge.engine import checkpoint
+from metamerge.engine.checkpoint import CheckpointReader, TensorInfo, row_chunks
+from metamerge.engine.coefficients import Coefficients
+from metamerge.engine.compat import Alignment, align, aligned_rows, tied_aliases
+from metamerge.engine.writer import (
+    ShardedWriter,
+)
+from metamerge.errors import CheckpointError
+from metamerge.faults import hang_point
+from metamerge.methods.kernels import chunked, combine, sparsify_
+from metamerge.methods.plan import MergePlan
+
+OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ProgressFn = Callable[[int, int, str], None]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("merge.device is 'cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+def output_plan(base: CheckpointReader, dtype: str) -> list[TensorInfo]:
+    """Output tensors: the base's names and shapes; float dtype per the recipe, others kept."""
+    target = OUTPUT_DTYPES.get(dtype)
+    plan = []
+    for name in base.names:
+        info = base.info(name)
+        out_dtype = target if (target is not None and info.is_float) else info.dtype
+        plan.append(TensorInfo(name, out_dtype, info.shape))
+    return plan
+
+
+class _Workspace:
+    """Reusable float32 buffers of one in-flight piece: inputs [T+1, capacity] and its result.
+
+    Two of them alternate (read piece i+1 while computing piece i, write piece i while
+    computing i+1); reusing buffers avoids a page fault per fresh megabyte, which otherwise
+    costs as much as the arithmetic.
+    """
+
+    def __init__(self, inputs: int, capacity: int, pin: bool):
+        self.capacity = capacity
+        self.inputs = torch.empty((inputs, capacity), dtype=torch.float32, pin_memory=pin)
+        self.result = torch.empty(capacity, dtype=torch.float32)
+
+
+class _Inputs:
+    """Reads one piece (a tensor or its row chunk) of every checkpoint as float32 rows."""
+
+    def __init__(self, base: CheckpointReader, finetunes: list[tuple[CheckpointReader, Alignment]], device: torch.device):
+        self.base, self.finetunes, self.device = base, finetunes, device
+
+    def load(self, name: str, rows: tuple[int, int] | None, workspace: _Workspace) -> torch.Tensor:
+        """[T+1, n] float32 on the compute device; row 0 is the base. Non-float: the raw tensor."""
+        if not self.base.info(name).is_float:
+            return self.base.read(name, rows=rows)
+        n = math.prod(self.base.piece_shape(name, rows))
+        pin = self.device.type == "cuda"
+        if n <= workspace.capacity:
+            stacked = workspace.inputs[:, :n]
+        else:
+            stacked = torch.empty((len(self.finetunes) + 1, n), dtype=torch.float32, pin_memory=pin)
+        sources = [(self.base, rows)] + [(r, aligned_rows(a, name, rows)) for r, a in self.finetunes]
+        for row, (reader, piece_rows) in zip(stacked, sources, strict=True):
+            reader.read_f32_into(name, row, piece_rows)
+        return stacked.to(self.device) if pin else stacked
+
+
+def _merge_piece(
+    stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, part: int,
+    out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base",
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64; ‖θ₀ piece‖²).
+
+    Works in place: rows 1..T of `stacked` become the task vectors; row 0 stays the base.
+    """
+    if plan.sparsify == "none" and plan.consensus == "none" and not plan.normalize and out is not None:
+        return _linear_piece_blocked(stacked, weights, plan, labels, name, out, base_label)
+    base, taus = stacked[0], stacked[1:]
+    base_sq = float(torch.dot(base, base))
+    taus.sub_(base)
+    gram = (taus @ taus.T).double()
+    _require_finite(gram, base_sq, labels, name, base_label)
+    sparsify_(taus, plan, labels, seed_name or name, part)
+    delta = combine(taus, weights, plan, out=out)
+    return delta.add_(base), gram, base_sq
+
+
+def _require_finite(gram: torch.Tensor, base_sq: float, labels: list[str], name: str, base_label: str) -> None:
+    """‖θ₀‖² and ‖τ_t‖² (the gram's diagonal) are non-finite iff they hold NaN/Inf: a free input check.
+
+    The base is checked first: NaN in θ₀ makes every τ_t NaN, and the base, not a fine-tune, is to blame.
+    """
+    if not math.isfinite(base_sq):
+        raise CheckpointError(f"{base_label}: tensor {name!r} contains NaN or Inf")
+    if not bool(torch.isfinite(gram.diagonal()).all()):
+        bad = [labels[i] for i in range(len(labels)) if not math.isfinite(float(gram[i, i]))]
+        raise CheckpointError(f"fine-tune {', '.join(repr(b) for b in bad)}: tensor {name!r} contains NaN or Inf")
+
+
+LINEAR_BLOCK = 1 << 15
+
+
+def _linear_piece_blocked(
+    stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, out: torch.Tensor,
+    base_label: str = "base",
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Linear merges in cache-sized column blocks: τ, the gram and θ₀ + Σ w τ touch memory once."""
+    count = stacked.shape[0] - 1
+    gram = torch.zeros((count, count), dtype=torch.float64)
+    base_sq = 0.0
+    row = weights.reshape(1, -1) * plan.scale
+    for start in range(0, stacked.shape[1], LINEAR_BLOCK):
+        block = stacked[:, start : start + LINEAR_BLOCK]
+        taus = block[1:]
+        base_sq += float(torch.dot(block[0], block[0]))
+        taus.sub_(block[0])
+        gram += (taus @ taus.T).double()
+        target = out[start : start + LINEAR_BLOCK].reshape(1, -1)
+        torch.matmul(row, taus, out=target)
+        target.add_(block[0])
+    _require_finite(gram, base_sq, labels, name, base_label)
+    return out[: stacked.shape[1]], gram, base_sq
+
+
+class MergeJob:
+    """The inputs of one merge, opened and aligned, and its output plan (shared by every entry point)."""
+
+    def __init__(self, base_dir: Path, finetunes: list[tuple[str, Path]], coefficients: Coefficients,
+                 plan: MergePlan, dtype: str, device: str, vocab: str):
+        self.device = resolve_device(device)
+        self.base = CheckpointReader(base_dir, label="base")
+        self.base_label = f"base {Path(base_dir)}"
+        readers = [CheckpointReader(path, label=label) for label, path in finetunes]
+        self.pairs = [(reader, align(self.base, reader, vocab)) for reader in readers]
+        self.labels = [label for label, _ in finetunes]
+        # vocabulary rows (added tokens) that `vocab: base` leaves out, per fine-tune and tensor
+        self.dropped_rows = {label: alignment.dropped_rows for (label, _), (_, alignment)
+                             in zip(finetunes, self.pairs, strict=True) if alignment.dropped_rows}
+        if coefficients.tasks != self.labels:
+            raise CheckpointError(f"coefficients are for {coefficients.tasks}, merge inputs are {self.labels}")
+        self.coefficients, self.plan = coefficients, plan
+        self.tensors_out = output_plan(self.base, dtype)
+
+    def pieces(self, tensors: list[TensorInfo]) -> list[tuple[TensorInfo, tuple[int, int] | None]]:
+        """Work items in write order: whole tensors, or row chunks for element-wise methods."""
+        base = self.base
+        return [
+            (info, rows)
+            for info in tensors
+            for rows in (row_chunks(base.info(info.name), checkpoint.CHUNK_ELEMENTS)
+                         if base.info(info.name).is_float and chunked(self.plan) else [None])
+        ]
+
+    def merged_count(self, tensors: list[TensorInfo]) -> int:
+        return sum(1 for info in tensors if self.base.info(info.name).is_float)
+
+
+@dataclass
+class _Totals:
+    """What a stream of pieces adds up to; shard partials sum to the whole model's."""
+
+    gram: torch.Tensor
+    base_sq_norm: float = 0.0
+    bytes_read: int = 0
+    rounding_num: float = 0.0
+    rounding_den: float = 0.0
+
+
+def stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes: int, progress: ProgressFn | None,
+            hang_at: str) -> _Totals:
+    """Reads, merges and writes every piece of `work` in order, overlapping read, compute and write."""
+    base, plan, labels, coefficients, compute_device = job.base, job.plan, job.labels, job.coefficients, job.device
+    inputs = _Inputs(base, job.pairs, compute_device)
+    aliases = tied_aliases(base) if plan.sparsify == "random" else {}
+    capacity = checkpoint.CHUNK_ELEMENTS  # whole tensors larger than this (TIES only) get their own buffers
+    workspaces = [_Workspace(len(labels) + 1, capacity, compute_device.type == "cuda") for _ in range(2)]
+    totals = _Totals(gram=torch.zeros((len(labels), len(labels)), dtype=torch.float64))
+    weights_cache: dict[str, torch.Tensor] = {}
+    with ThreadPoolExecutor(max_workers=1) as reader_pool, ThreadPoolExecutor(max_workers=1) as writer_pool:
+        pending_read: Future = reader_pool.submit(inputs.load, work[0][0].name, work[0][1], workspaces[0])
+        pending_write: Future | None = None
+        done_bytes = 0
+        for index, (info, rows) in enumerate(work):
+            loaded = pending_read.result()
+            workspace = workspaces[index % 2]
+            if index + 1 < len(work):
+                following = work[index + 1]
+                pending_read = reader_pool.submit(inputs.load, following[0].name, following[1], workspaces[(index + 1) % 2])
+            shape = base.piece_shape(info.name, rows)
+            totals.bytes_read += loaded.numel() * loaded.element_size()
+            if base.info(info.name).is_float:
+                group = coefficients.tensor_groups.get(info.name, "model")
+                if group not in weights_cache:
+                    weights_cache[group] = torch.tensor(coefficients.groups[group], dtype=torch.float32, device=compute_device)
+                n = loaded.shape[1]
+                out = workspace.result[:n] if n <= workspace.capacity and compute_device.type == "cpu" else None
+                result32, gram, base_sq = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
+                                                       rows[0] if rows else 0, out, aliases.get(info.name),
+                                                       job.base_label)
+                totals.gram += gram.cpu()
+                totals.base_sq_norm += base_sq
+                result = result32.reshape(shape).to(info.dtype)
+                if info.dtype != torch.float32:
+                    base32 = loaded[0].reshape(shape)
+                    lost = result.to(torch.float32) - result32.reshape(shape)
+                    totals.rounding_num += float(torch.linalg.vector_norm(lost, dtype=torch.float64)) ** 2
+                    totals.rounding_den += float(torch.linalg.vector_norm(result32.reshape(shape) - base32, dtype=torch.float64)) ** 2
+                    if not bool(torch.isfinite(result).all()):
+                        raise CheckpointError(f"tensor {info.name!r} overflows {info.dtype} after merging")
+            else:
+                result = loaded
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = writer_pool.submit(writer.write, info.name, result.to("cpu"))
+            done_bytes += result.numel() * result.element_size()
+            if progress is not None:
+                progress(done_bytes, total_bytes, info.name)
+            if index == len(work) // 2:
+                hang_point(hang_at)
+        if pending_write is not None:
+            pending_write.result()
+    return totals
+
+
+def rounding_loss(num: float, den: float) -> float:
+    return math.sqrt(num / den) if den > 0 else 0.0

@@ -1,0 +1,119 @@
+"""Per-tensor statistics of one task vector τ = θ_ft − θ_base, streamed tensor by tensor.
+
+MetaGPT needs only ‖τ_t‖² per tensor, so extraction is one pass over (base, fine-tune) that
+keeps a float per tensor. It doubles as the compatibility and sanity check (names, shapes,
+NaN/Inf) so that a broken fine-tune fails here, before the expensive merge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from metamerge.engine import checkpoint
+from metamerge.engine.checkpoint import CheckpointReader, row_chunks
+from metamerge.engine.compat import align, aligned_rows, tied_aliases
+from metamerge.errors import CheckpointError
+from metamerge.methods.kernels import chunked, sq_norm_after_sparsify
+from metamerge.methods.plan import MergePlan
+
+STATS_VERSION = 2  # 2: ‖θ₀‖², raw ‖τ‖², vocabulary rows dropped
+
+
+@dataclass(frozen=True)
+class TaskVectorStats:
+    label: str
+    sq_norms: dict[str, float]  # float tensors only (after the plan's sparsification, if any)
+    numel: int
+    changed_tensors: int
+    base_sq_norm: float = 0.0  # ‖θ₀‖² over the same tensors
+    raw_sq_norm: float = 0.0  # ‖τ‖² before any sparsification
+    dropped_rows: dict[str, int] = field(default_factory=dict)  # vocabulary rows `vocab: base` left out
+
+    @property
+    def total_sq_norm(self) -> float:
+        return sum(self.sq_norms.values())
+
+    @property
+    def relative_norm(self) -> float:
+        """‖τ‖ / ‖θ₀‖: a few % for real fine-tunes, ≥ 1 for weights that do not descend from the base."""
+        return math.sqrt(self.raw_sq_norm / self.base_sq_norm) if self.base_sq_norm > 0 else math.inf
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"version": STATS_VERSION, **asdict(self)}))
+
+    @classmethod
+    def load(cls, path: Path) -> TaskVectorStats:
+        data = json.loads(path.read_text())
+        data.pop("version", None)
+        return cls(**data)
+
+
+def check_relative_norms(norms: dict[str, float], bound: float | None) -> None:
+    """Fails, naming the fine-tune and the number, when ‖τ_t‖/‖θ₀‖ is above `bound` (None: no check).
+
+    Independent weights of one architecture give ‖θ_t − θ₀‖ ≥ ‖θ₀‖ (≈ √2 ‖θ₀‖ for equal scales), real
+    fine-tunes a few percent; `merge.max_relative_norm` (default 0.8, docs/recipes.md) sits in between.
+    """
+    if bound is None:
+        return
+    for label, value in norms.items():
+        if not value <= bound:
+            raise CheckpointError(f"fine-tune {label!r}: ‖τ‖/‖θ₀‖ = {value:.3f} is above merge.max_relative_norm "
+                                  f"{bound:g}; it does not look like a fine-tune of this base")
+
+
+def extract_stats(
+    base_dir: Path, finetune_dir: Path, label: str, plan: MergePlan | None = None, vocab: str = "base"
+) -> TaskVectorStats:
+    """‖τ‖² per float tensor (after the plan's sparsification when it has one), in float64 sums.
+
+    Also ‖θ₀‖² and the raw ‖τ‖² (for the relative task-vector norm), and which vocabulary rows
+    `vocab: base` drops. NaN/Inf in the base is blamed on the base, not on the fine-tune.
+    """
+    plan = plan or MergePlan()
+    base = CheckpointReader(base_dir, label="base")
+    finetune = CheckpointReader(finetune_dir, label=label)
+    alignment = align(base, finetune, vocab)
+    sq_norms: dict[str, float] = {}
+    numel = changed = 0
+    base_total = raw_total = 0.0
+    capacity = checkpoint.CHUNK_ELEMENTS
+    aliases = tied_aliases(base) if plan.sparsify == "random" else {}
+    ft_buffer, base_buffer = torch.empty(capacity), torch.empty(capacity)
+    for name in base.names:
+        info = base.info(name)
+        if not info.is_float:
+            continue
+        value = base_sq = raw_sq = 0.0
+        for rows in row_chunks(info, capacity) if chunked(plan) else [None]:
+            tau = _read_f32(finetune, name, aligned_rows(alignment, name, rows), ft_buffer)
+            theta0 = _read_f32(base, name, rows, base_buffer)
+            base_sq += float(torch.dot(theta0, theta0))
+            tau.sub_(theta0)
+            if plan.sparsify != "none":
+                raw_sq += float(torch.dot(tau, tau))
+            value += sq_norm_after_sparsify(tau, plan, label, aliases.get(name, name), rows[0] if rows else 0)
+        if not math.isfinite(base_sq):
+            raise CheckpointError(f"base {Path(base_dir)}: tensor {name!r} contains NaN or Inf")
+        if not math.isfinite(value) or not math.isfinite(raw_sq):
+            raise CheckpointError(f"fine-tune {label!r}: tensor {name!r} contains NaN or Inf")
+        sq_norms[name] = value
+        base_total += base_sq
+        raw_total += raw_sq if plan.sparsify != "none" else value
+        numel += math.prod(info.shape)
+        changed += value > 0
+    return TaskVectorStats(label=label, sq_norms=sq_norms, numel=numel, changed_tensors=changed,
+                           base_sq_norm=base_total, raw_sq_norm=raw_total, dropped_rows=dict(alignment.dropped_rows))
+
+
+def _read_f32(reader: CheckpointReader, name: str, rows: tuple[int, int] | None, buffer: torch.Tensor) -> torch.Tensor:
+    """A float32 flat view of the piece, in `buffer` when it fits (no allocation)."""
+    n = math.prod(reader.piece_shape(name, rows))
+    if n > buffer.numel():
+        return reader.read(name, rows=rows).reshape(-1).to(torch.float32)
+    return reader.read_f32_into(name, buffer[:n], rows)

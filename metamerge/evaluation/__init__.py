@@ -1,0 +1,1 @@
+"""Judging a merge: the evaluation backend (lm-eval), score tables, the gate, the comparison."""

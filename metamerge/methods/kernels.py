@@ -1,0 +1,148 @@
+"""Per-tensor merge kernels for a MergePlan: sparsify, elect signs, combine.
+
+mergekit's generalized task arithmetic is built the same way; conventions follow it (majority
+sign of a zero sum is +, k = int(density·n)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from metamerge.methods.plan import MergePlan
+
+
+def dare_generator(seed: int, task_label: str, tensor_name: str, part: int = 0) -> torch.Generator:
+    """One reproducible stream per (seed, fine-tune, tensor, row chunk), whatever the order of work."""
+    suffix = f"\0{part}" if part else ""
+    digest = hashlib.sha256(f"{seed}\0{task_label}\0{tensor_name}{suffix}".encode()).digest()
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact k-th largest of a flat tensor, much faster than a full kthvalue on big tensors.
+
+    A fixed-seed sample brackets the answer, one pass counts what lies above the bracket and
+    keeps what lies inside it, and kthvalue runs on that small band only. Falls back to a
+    full kthvalue whenever the bracket misses, so the result is always exact.
+    """
+    n = values.numel()
+    if n <= 1 << 20:
+        return torch.kthvalue(values, n - k + 1).values
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    sample = values[torch.randint(n, (1 << 16,), generator=gen).to(values.device)]
+    quantile = 1.0 - k / n
+    lo = torch.quantile(sample, max(0.0, quantile - 0.01))
+    hi = torch.quantile(sample, min(1.0, quantile + 0.01))
+    above = int(torch.count_nonzero(values > hi))
+    if above < k:
+        band = values[(values >= lo) & (values <= hi)]
+        need = k - above
+        if band.numel() >= need:
+            return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(values, n - k + 1).values
+
+
+def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keeps the int(density·n) largest |τ| entries (at least one); ties go to the lower index.
+
+    Deterministic tie-breaking matters with bf16 inputs, where many |τ| are exactly equal:
+    the same inputs must give the same merge on every device and every run.
+    """
+    return ~_magnitude_drop(tau.reshape(-1).abs(), density).reshape(tau.shape)
+
+
+def _magnitude_drop(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
+    """Flat bool mask of the entries TIES' trim removes."""
+    n = magnitudes.numel()
+    k = max(1, int(density * n))
+    if k >= n:
+        return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    threshold = kth_largest(magnitudes, k)
+    drop = magnitudes < threshold
+    kept = n - int(torch.count_nonzero(drop))
+    if kept > k:  # exact ties at the threshold: keep the lowest-index ones only
+        tied = torch.nonzero(magnitudes == threshold).flatten()
+        drop[tied[tied.numel() - (kept - k) :]] = True
+    return drop
+
+
+def random_mask(shape: torch.Size, density: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Bernoulli(density) keep-mask drawn on the CPU so every device gets identical masks."""
+    return (torch.rand(shape, generator=generator) < density).to(device)
+
+
+def sparsify_(taus: torch.Tensor, plan: MergePlan, labels: list[str], tensor_name: str, part: int = 0) -> torch.Tensor:
+    """In place on `taus` [T, ...]: TIES trim or DARE drop-and-rescale; returns `taus`."""
+    if plan.sparsify == "none" or plan.density >= 1.0:
+        return taus
+    for t in range(taus.shape[0]):
+        if plan.sparsify == "magnitude":
+            flat = taus[t].reshape(-1)
+            flat.masked_fill_(_magnitude_drop(flat.abs(), plan.density), 0.0)
+        else:
+            gen = dare_generator(int(plan.seed or 0), labels[t], tensor_name, part)
+            taus[t].mul_(random_mask(taus[t].shape, plan.density, gen, taus.device))
+            taus[t].div_(plan.density)
+    return taus
+
+
+def combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Δ = scale · Σ_t w_t m_t τ_t / (Σ_t w_t m_t if normalize else 1), m from sign election.
+
+    The linear case is one matrix-vector product over [T, n] (a single memory pass), written
+    into `out` when given so the streaming engine can reuse its buffers.
+    """
+    if plan.consensus == "none" and not plan.normalize:
+        flat = taus.reshape(taus.shape[0], -1)
+        delta = torch.matmul(weights.reshape(1, -1), flat, out=None if out is None else out.reshape(1, -1))
+        delta = delta.reshape(taus.shape[1:])
+    else:
+        flat = taus.reshape(taus.shape[0], -1)
+        delta = torch.empty(flat.shape[1], dtype=taus.dtype, device=taus.device) if out is None else out.reshape(-1)
+        # cache-sized blocks: the election takes ~10 element-wise passes, cheap only in cache
+        for start in range(0, flat.shape[1], CONSENSUS_BLOCK):
+            block = flat[:, start : start + CONSENSUS_BLOCK]
+            _elect_and_combine(block, weights, plan, delta[start : start + CONSENSUS_BLOCK])
+        delta = delta.reshape(taus.shape[1:])
+    if plan.scale != 1.0:
+        delta.mul_(plan.scale)
+    return delta
+
+
+CONSENSUS_BLOCK = 1 << 16
+
+
+def _elect_and_combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor) -> None:
+    """TIES on a [T, b] block: sign of Σ w τ (0 elects +), keep agreeing entries, sum or mean."""
+    w = weights.reshape(-1, 1)
+    if plan.consensus == "ties":
+        majority = torch.where(torch.matmul(weights, taus) >= 0, 1.0, -1.0).to(taus.dtype)
+        mask = (torch.sign(taus) == majority).to(taus.dtype)
+    else:
+        mask = torch.ones_like(taus)
+    weighted_mask = mask.mul_(w)
+    torch.sum(taus * weighted_mask, dim=0, out=out)
+    if plan.normalize:
+        divisor = weighted_mask.sum(dim=0)
+        divisor[divisor == 0] = 1.0
+        out.div_(divisor)
+
+
+def chunked(plan: MergePlan) -> bool:
+    """TIES' trim needs a whole tensor's magnitudes; every other kernel is element-wise."""
+    return plan.sparsify != "magnitude"
+
+
+def sq_norm(tau: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
+
+
+def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0) -> float:
+    """‖sparsify(τ)‖², which is what MetaGPT weighs when combined with TIES or DARE."""
+    if plan.sparsify == "none":
+        return sq_norm(tau)
+    return sq_norm(sparsify_(tau.unsqueeze(0), plan, [label], tensor_name, part)[0])

@@ -1,0 +1,74 @@
+"""The extract stage: task-vector statistics per fine-tune, and the checks made on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metamerge.engine.taskvectors import TaskVectorStats, check_relative_norms, extract_stats
+from metamerge.errors import writing
+from metamerge.io.atomic import write_atomic
+from metamerge.io.shared import SharedStore
+from metamerge.methods.plan import MergePlan
+from metamerge.pipeline.inputs import local_model
+from metamerge.pipeline.keys import stats_path
+from metamerge.recipe import Recipe
+from metamerge.refs import ResolvedModel
+
+
+def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str, workdir: Path,
+            store: SharedStore | None = None) -> Path:
+    """Writes ‖τ‖² per tensor to a stats file named by (base, fine-tune, sparsify) content.
+
+    With a shared store (Dask across machines) the file is also put there, for the solve stage.
+    """
+    out = stats_path(base, finetune, label, plan, vocab, workdir)
+    if store is not None and not out.exists() and store.exists(out):
+        store.ensure(out)
+    if not out.exists():
+        if store is not None:
+            base, finetune = local_model(base, store), local_model(finetune, store)
+        stats = extract_stats(base.path, finetune.path, label, plan, vocab)
+        with writing(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, lambda tmp: stats.save(tmp))
+    if store is not None:
+        store.put(out)
+    return out
+
+
+def stats_available(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str,
+                    workdir: Path, store: SharedStore | None = None) -> bool:
+    """The stats file a cached extraction points at is still there (here, or in the shared store)."""
+    out = stats_path(base, finetune, label, plan, vocab, workdir)
+    return store.exists(out) if store is not None else out.exists()
+
+
+def load_stats(stats_files: list[Path], store: SharedStore | None = None) -> list[TaskVectorStats]:
+    return [TaskVectorStats.load(store.ensure(Path(p)) if store else Path(p)) for p in stats_files]
+
+
+def relative_norms(stats: list[TaskVectorStats]) -> dict[str, float]:
+    """‖τ_t‖ / ‖θ₀‖ per fine-tune, over every float tensor, before any sparsification."""
+    return {s.label: s.relative_norm for s in stats}
+
+
+def dropped_vocab_rows(stats: list[TaskVectorStats]) -> dict[str, dict[str, int]]:
+    """{fine-tune: {tensor: rows}} that `vocab: base` leaves out (added tokens), only where any."""
+    return {s.label: dict(s.dropped_rows) for s in stats if s.dropped_rows}
+
+
+def check_task_vectors(recipe: Recipe, stats: list[TaskVectorStats]) -> dict[str, float]:
+    """‖τ_t‖/‖θ₀‖ per fine-tune; fails naming the fine-tune and the number above `merge.max_relative_norm`."""
+    norms = relative_norms(stats)
+    check_relative_norms(norms, recipe.merge.max_relative_norm)
+    return norms
+
+
+def vocab_summary(dropped: dict[str, dict[str, int]]) -> list[str]:
+    """One line per fine-tune that lost vocabulary rows: `fine-tune 'x': 5 rows dropped from embed, lm_head`."""
+    lines = []
+    for label, tensors in dropped.items():
+        rows = max(tensors.values())
+        lines.append(f"fine-tune {label!r}: {rows} vocabulary row(s) beyond the base's dropped (vocab: base) "
+                     f"from {', '.join(sorted(tensors))}")
+    return lines
