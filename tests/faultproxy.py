@@ -55,6 +55,10 @@ class FaultProxy:
                     message = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
                     self.send_response(int(proxy.mode))
                     self.send_header("Content-Length", str(len(message)))
+                    # a fresh connection for the client's retry: a kept-alive socket that the client
+                    # reuses while this thread winds down reads as ConnectionClosed under load, not 500
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                     self.end_headers()
                     self.wfile.write(message)
                     return

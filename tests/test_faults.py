@@ -98,7 +98,7 @@ def test_bad_input_is_not_retried(tmp_path, zoo, s3_endpoint, bucket, prefect_ap
 RETRY_PROBE = """
 import json, sys, time
 from prefect import flow
-from metamerge.pipeline import inputs as inputs_stage
+from metamerge_prefect.tasks import resolve as resolve_task_module
 from metamerge.errors import RefError, TransientError
 from metamerge_prefect.tasks.resolve import resolve_model
 
@@ -113,7 +113,7 @@ def failing(ref, workdir, endpoint_url=None):  # the injected fault: the remote 
     raise TransientError("S3 download at http://127.0.0.1:9: EndpointConnectionError (injected)")
 
 
-inputs_stage.resolve = failing
+resolve_task_module.resolve = failing
 
 
 @flow(name="retry-probe")

@@ -183,7 +183,7 @@ def test_a_temporary_is_reclaimed_only_once_its_owner_is_dead(tmp_path):
     from metamerge.io import outputs
 
     out = tmp_path / "out"
-    code = ("import sys, time; from pathlib import Path; from metamerge import outputs; "
+    code = ("import sys, time; from pathlib import Path; from metamerge.io import outputs; "
             "t = outputs.make_temp(Path(sys.argv[1])); print(t.path, flush=True); time.sleep(600)")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     owner = subprocess.Popen([sys.executable, "-c", code, str(out)], env=env, stdout=subprocess.PIPE, text=True)
