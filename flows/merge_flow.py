@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 
 from metamerge import progress
 from metamerge.methods.registry import plan_for
@@ -32,6 +33,7 @@ from metamerge.pipeline.merge import merge_available
 from metamerge.pipeline.preflight import preflight
 from metamerge.pipeline.report import cosine_records, report_inputs, report_markdown, run_documents
 from metamerge.recipe import load_any
+from metamerge_prefect.flows.best_of import best_of
 from metamerge_prefect.flows.scaleout import merge_by_shard, on_dask, run_on_dask
 from metamerge_prefect.tasks.evaluate import evaluate_model
 from metamerge_prefect.tasks.extract import extract_task_vector
@@ -46,15 +48,18 @@ from metamerge_prefect.tasks.solve import solve_coefficients
 
 @flow(name="metagpt-merge", log_prints=True)
 def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
-               finetune_refs: list[str] | None = None) -> dict[str, Any]:
-    """`finetune_refs` (from a `model.finetune.discovered` event) extends the recipe's fine-tunes."""
+               finetune_refs: list[str] | None = None, candidates: list[dict] | None = None) -> dict[str, Any]:
+    """`finetune_refs` (from a `model.finetune.discovered` event) extends the recipe's fine-tunes;
+    `candidates` (from best_of) are the scores of the methods this run's method was chosen from."""
     logger = get_run_logger()
     clock = progress.StageClock()
     rec = load_any(recipe)
     if finetune_refs:
         rec = extend_recipe(rec, [entry_for_ref(ref, rec.endpoint_url) for ref in finetune_refs])
+    if rec.candidates:
+        return best_of(merge_flow, rec, run_id)  # this flow per candidate, then the winner's publish
     if rec.runner.kind == "dask" and not on_dask():
-        return run_on_dask(merge_flow, rec, run_id)  # the same flow, as a subflow whose tasks run on Dask
+        return run_on_dask(merge_flow, rec, run_id, candidates=candidates)  # the same flow, as a subflow whose tasks run on Dask
     dask = rec.runner.kind == "dask"
     with clock.stage("preflight"):  # seconds, before any heavy stage: targets, buckets, credentials, disk
         checks = preflight(rec)
@@ -144,7 +149,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         logger.info(gate.summary())
 
     inputs = [base, *finetunes]
-    report_data = report_inputs(merged.report, norms, dropped)
+    report_data = report_inputs(merged.report, norms, dropped, candidates)
     documents = run_documents(rec, inputs, coefficients, plan, merged.report, report_data, table)
     if gate is not None and not gate.passed:
         report = report_markdown(rec, inputs, coefficients, plan, report_data, table, None, clock.seconds, gate)
@@ -165,6 +170,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     create_markdown_artifact(key="merge-report", markdown=report, description=f"merge report {rec.name}")
     return {
         "recipe": rec.name,
+        "flow_run_id": str(flow_run.id),
         "run_id": published["run_uri"].rsplit("/", 1)[-1] if published else run_id,
         "merged_path": merged.path,
         "merged_fingerprint": merged.fingerprint,

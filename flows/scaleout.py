@@ -40,14 +40,14 @@ def on_dask() -> bool:
     return context is not None and isinstance(context.task_runner, DaskTaskRunner)
 
 
-def run_on_dask(flow: Flow, recipe: Recipe, run_id: str | None) -> Any:
+def run_on_dask(flow: Flow, recipe: Recipe, run_id: str | None, **parameters: Any) -> Any:
     """Runs `flow` again as a subflow whose tasks go to Dask; returns its result."""
     api_url = get_current_settings().api.url
     if not api_url:
         raise InputError("runner: dask needs a Prefect API server that the Dask workers can reach: start one "
                          "(`prefect server start`) and set PREFECT_API_URL (docs/scaling.md)")
     runner = task_runner_for(recipe.runner, api_url)
-    return flow.with_options(task_runner=runner)(recipe.model_dump(mode="json", by_alias=True), run_id)
+    return flow.with_options(task_runner=runner)(recipe.model_dump(mode="json", by_alias=True), run_id, **parameters)
 
 
 def merge_by_shard(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], solved: dict,

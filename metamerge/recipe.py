@@ -21,6 +21,7 @@ from metamerge.methods.registry import METHODS, PARAMETERS, MethodSpec, default_
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 Granularity = Literal[PARAMETERS["granularity"].choices]  # type: ignore[valid-type]
 CombineMode = Literal[PARAMETERS["combine"].choices]  # type: ignore[valid-type]
+DisjointMode = Literal[PARAMETERS["disjoint"].choices]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
@@ -44,6 +45,9 @@ class Method(_Strict):
     density: float | None = Field(default=None, **PARAMETERS["density"].bounds)
     combine: CombineMode | None = None
     seed: int | None = None
+    gamma: float | None = Field(default=None, **PARAMETERS["gamma"].bounds)
+    epsilon: float | None = Field(default=None, **PARAMETERS["epsilon"].bounds)
+    disjoint: DisjointMode | None = None
 
     @model_validator(mode="after")
     def _check_parameters(self) -> Method:
@@ -53,6 +57,8 @@ class Method(_Strict):
             raise ValueError(f"'{PARAMETERS[key].spelled}' does not apply to method '{self.name}'")
         if spec.random and self.seed is None:
             raise ValueError(f"method '{self.name}' drops weights at random: set 'seed' so runs are reproducible")
+        if spec.check is not None and (problem := spec.check(self)) is not None:
+            raise ValueError(problem)
         return self
 
     def param(self, key: str) -> Any:
@@ -133,6 +139,8 @@ class Recipe(_Strict):
     base: str = Field(min_length=1)
     finetunes: tuple[FineTune, ...] = Field(min_length=1)
     method: Method = Method(name="metagpt")
+    # best of several: each candidate is merged and scored, the best by normalized average is gated and published
+    candidates: tuple[Method, ...] = ()
     merge: MergeOptions = MergeOptions()
     evaluation: Evaluation | None = None
     publish: Publish | None = None
@@ -168,12 +176,29 @@ class Recipe(_Strict):
     def _method_as_string(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
 
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _candidates_as_strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
     @model_validator(mode="after")
     def _unique_labels(self) -> Recipe:
         labels = [ft.label for ft in self.finetunes]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"fine-tune names must be unique; repeated: {', '.join(dupes)}")
+        if self.candidates:
+            if len(self.candidates) < 2:
+                raise ValueError("candidates: name at least two methods (or use 'method' for one)")
+            if "method" in self.model_fields_set:
+                raise ValueError("give either 'method' or 'candidates' (the best candidate becomes the method)")
+            if self.evaluation is None:
+                raise ValueError("candidates are chosen by their scores: add an 'evaluation' section")
+            specs = [c.model_dump(mode="json", exclude_none=True) for c in self.candidates]
+            if any(specs.count(spec) > 1 for spec in specs):
+                raise ValueError("candidates: each candidate must differ from the others")
         if self.gate is not None and self.evaluation is None:
             raise ValueError("gate: a quality gate needs an 'evaluation' section to score the merge")
         if self.gate is not None and self.gate.no_regression and self.publish is None:

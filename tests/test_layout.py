@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from metamerge.methods.registry import METHODS
+
 ROOT = Path(__file__).resolve().parent.parent
 # installed name -> folder (pyproject.toml's package-dir)
 PACKAGES = {"metamerge": ROOT / "metamerge", "metamerge_prefect": ROOT / "metamerge_prefect",
@@ -165,10 +167,10 @@ def test_the_docs_method_table_is_the_registrys():
     assert method_table() in text, "regenerate the table in docs/recipes.md from metamerge.methods.registry.method_table()"
 
 
-@pytest.mark.parametrize("name", ["average", "task_arithmetic", "ties", "dare", "metagpt", "metagpt+ties", "metagpt+dare"])
+@pytest.mark.parametrize("name", list(METHODS))
 def test_every_registry_entry_validates_plans_and_cites(name):
     from metamerge.evaluation.compare import DEFAULT_METHODS
-    from metamerge.methods.registry import METHODS, plan_for
+    from metamerge.methods.registry import plan_for
     from metamerge.recipe import Method
 
     spec = METHODS[name]

@@ -91,15 +91,106 @@ def test_ties_matches_trim_elect_disjoint_mean(tmp_path, dtype):
         _close(merged[k], b + _ties_reference(taus, [1, 1, 1], 0.9, normalize=True), dtype)
 
 
-def test_metagpt_ties_weights_trimmed_vectors_by_their_norms(tmp_path):
-    base, fts, merged, coefficients = _run(tmp_path, {"name": "metagpt+ties", "density": 0.4})
+@pytest.mark.parametrize("disjoint", ["mean", "sum"])
+def test_metagpt_ties_weights_trimmed_vectors_by_their_norms(tmp_path, disjoint):
+    """mean (the default): Σ λ m τ / Σ λ m over agreeing entries, mergekit's TIES with weights; sum: no division."""
+    base, fts, merged, coefficients = _run(tmp_path, {"name": "metagpt+ties", "density": 0.4, "disjoint": disjoint})
     floats = FLOATS(base)
     trimmed = {k: [_trim(t, 0.4) for t in _taus(base, fts, k)[1]] for k in floats}
     norms = np.array([sum(float(np.sum(trimmed[k][i] ** 2)) for k in floats) for i in range(3)])
     lam = norms / norms.sum()
     np.testing.assert_allclose(list(coefficients.model_level().values()), lam, rtol=1e-5)
     for k in floats:
-        _close(merged[k], base[k].double().numpy() + _ties_reference(trimmed[k], lam, 1.0, normalize=False), torch.float32)
+        want = base[k].double().numpy() + _ties_reference(trimmed[k], lam, 1.0, normalize=disjoint == "mean")
+        _close(merged[k], want, torch.float32)
+
+
+def _breadcrumbs(tau, density, gamma):
+    """Keep int(density·n) entries after removing the int(γ·n) largest |τ| (ties: the lower index ranks higher)."""
+    n = tau.size
+    keep, outliers = max(1, int(density * n)), int(gamma * n)
+    outliers = min(outliers, n - keep)
+    order = np.argsort(-np.abs(tau).ravel(), kind="stable")
+    mask = np.zeros(n, dtype=bool)
+    mask[order[outliers : outliers + keep]] = True
+    return np.where(mask.reshape(tau.shape), tau, 0.0)
+
+
+@pytest.mark.parametrize("combine_mode", ["linear", "ties"])
+def test_breadcrumbs_drops_the_smallest_and_the_outliers(tmp_path, combine_mode):
+    method = {"name": "breadcrumbs", "density": 0.3, "gamma": 0.05, "combine": combine_mode}
+    base, fts, merged, _ = _run(tmp_path, method)
+    for k in FLOATS(base):
+        b, taus = _taus(base, fts, k)
+        kept = [_breadcrumbs(t.astype(np.float32).astype(np.float64), 0.3, 0.05) for t in taus]
+        if combine_mode == "linear":  # λ defaults to 0.3, as task arithmetic
+            want = b + 0.3 * sum(kept)
+        else:  # λ 1 and TIES' disjoint mean
+            want = b + _ties_reference(kept, [1, 1, 1], 1.0, normalize=True)
+        _close(merged[k], want, torch.float32)
+    # the largest entry of a task vector is an outlier: it is gone, the (γ·n+1)-th largest is kept
+    k = "model.layers.0.mlp.up_proj.weight"
+    b, taus = _taus(base, fts, k)
+    assert int(0.05 * taus[0].size) >= 1
+    kept = _breadcrumbs(taus[0], 0.3, 0.05)
+    assert kept.ravel()[np.argmax(np.abs(taus[0]))] == 0.0 and np.count_nonzero(kept) == int(0.3 * taus[0].size)
+
+
+def test_della_keeps_by_magnitude_rank_within_rows_and_rescales(tmp_path):
+    density, epsilon, seed = 0.5, 0.2, 11
+    base, fts, merged, _ = _run(tmp_path, {"name": "della", "seed": seed, "density": density, "epsilon": epsilon})
+    for k in FLOATS(base):
+        b, taus = _taus(base, fts, k)
+        columns = taus[0].shape[-1] if taus[0].ndim > 1 else taus[0].size
+        rescaled = []
+        for label, tau in zip(LABELS, taus, strict=True):
+            rows = tau.astype(np.float32).reshape(-1, columns)
+            ranks = np.argsort(np.argsort(np.abs(rows), axis=-1, kind="stable"), axis=-1, kind="stable")
+            keep = (density - epsilon) + ranks * (2 * epsilon / (columns - 1)) if columns > 1 else np.full(rows.shape, density)
+            draw = torch.rand(torch.Size(rows.shape), generator=dare_generator(seed, label, k)).numpy()
+            kept = np.where(draw < keep.astype(np.float32), rows.astype(np.float64) / keep, 0.0)
+            rescaled.append(kept.reshape(tau.shape))
+        _close(merged[k], b + _ties_reference(rescaled, [1, 1, 1], 1.0, normalize=True), torch.float32)
+    # read back from the output alone: the probe's entries are all equal, so the rank within a row is the
+    # column; keep probability rises from 0.3 (first column) to 0.7 (last), survivors come back as c_t/p
+    _, _, probe, _ = _run(tmp_path / "probe", {"name": "della", "seed": 2, "density": 0.5, "epsilon": 0.2,
+                                               "combine": "linear", "lambda": 1.0}, family=_probe_family)
+    columns = PROBE_SHAPE[1]
+    p_col = 0.3 + np.arange(columns) * (0.4 / (columns - 1))
+    masks = _decode_linear(probe[PROBE] * torch.tensor(p_col, dtype=torch.float32), 1.0, 1.0)
+    half = columns // 2
+    for t in range(3):
+        assert abs(masks[t].mean() - 0.5) < 0.02, masks[t].mean()
+        low, high = masks[t][:, :half].mean(), masks[t][:, half:].mean()
+        assert abs(low - 0.4) < 0.03 and abs(high - 0.6) < 0.03, (LABELS[t], low, high)
+
+
+def test_della_validates_its_probability_range():
+    from metamerge.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="density − epsilon"):
+        parse_recipe({"name": "t", "base": "b", "finetunes": ["f"], "method": {"name": "della", "seed": 1,
+                                                                              "density": 0.1, "epsilon": 0.2}})
+
+
+def test_iso_c_flattens_the_spectrum_of_each_weight_matrix(tmp_path):
+    base, fts, merged, _ = _run(tmp_path, {"name": "iso_c", "lambda": 0.8})
+    matrices = 0
+    for k in FLOATS(base):
+        b, taus = _taus(base, fts, k)
+        total = sum(t.astype(np.float32).astype(np.float64) for t in taus)
+        if total.ndim == 2 and "embed" not in k and "lm_head" not in k:
+            u, sigma, vh = np.linalg.svd(total, full_matrices=False)
+            want = b + 0.8 * sigma.mean() * (u @ vh)
+            matrices += 1
+            got = merged[k].double().numpy() - b
+            # the merged update has one singular value, repeated: its spectrum is flat
+            spectrum = np.linalg.svd(got, compute_uv=False)
+            np.testing.assert_allclose(spectrum, spectrum[0], rtol=1e-3)
+        else:  # vectors and vocabulary tables: the mean task vector, scaled
+            want = b + 0.8 * total / 3
+        np.testing.assert_allclose(merged[k].double().numpy(), want, rtol=1e-4, atol=1e-4)
+    assert matrices >= 4
 
 
 @pytest.mark.parametrize("granularity", ["layer", "tensor"])

@@ -26,7 +26,7 @@ class Alignment:
     dropped_rows: dict[str, int] = field(default_factory=dict)  # rows left out per tensor (vocab: base)
 
 
-def _is_vocab_tensor(name: str) -> bool:
+def is_vocab_tensor(name: str) -> bool:
     return any(hint in name for hint in VOCAB_NAME_HINTS)
 
 
@@ -55,7 +55,7 @@ def align(base: CheckpointReader, finetune: CheckpointReader, vocab: str = "base
         if b.shape == f.shape:
             continue
         grew_vocab = (
-            _is_vocab_tensor(name) and len(b.shape) == len(f.shape) and len(b.shape) >= 1
+            is_vocab_tensor(name) and len(b.shape) == len(f.shape) and len(b.shape) >= 1
             and b.shape[1:] == f.shape[1:] and f.shape[0] > b.shape[0]
         )
         if grew_vocab and vocab == "base":
@@ -82,7 +82,7 @@ def tied_aliases(base: CheckpointReader) -> dict[str, str]:
     one name gives them one mask, so tied embeddings stay tied after the merge. Decided on the
     base alone so that extraction and merge, which see different inputs, always agree.
     """
-    candidates = [n for n in base.names if _is_vocab_tensor(n) and base.info(n).is_float]
+    candidates = [n for n in base.names if is_vocab_tensor(n) and base.info(n).is_float]
     aliases: dict[str, str] = {}
     for i, first in enumerate(candidates):
         for second in candidates[i + 1 :]:

@@ -19,7 +19,7 @@ import torch
 from metamerge.engine import checkpoint
 from metamerge.engine.checkpoint import CheckpointReader, TensorInfo, row_chunks
 from metamerge.engine.coefficients import Coefficients
-from metamerge.engine.compat import Alignment, align, aligned_rows, tied_aliases
+from metamerge.engine.compat import Alignment, align, aligned_rows, is_vocab_tensor, tied_aliases
 from metamerge.engine.writer import (
     ShardedWriter,
 )
@@ -89,21 +89,24 @@ class _Inputs:
 
 def _merge_piece(
     stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, part: int,
-    out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base",
+    out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base", shape: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64; ‖θ₀ piece‖²).
 
     Works in place: rows 1..T of `stacked` become the task vectors; row 0 stays the base.
+    `shape` is the piece's shape: DELLA ranks within its rows, Iso-C treats a 2-D one as a matrix.
     """
-    if plan.sparsify == "none" and plan.consensus == "none" and not plan.normalize and out is not None:
+    if plan.linear and out is not None:
         return _linear_piece_blocked(stacked, weights, plan, labels, name, out, base_label)
     base, taus = stacked[0], stacked[1:]
     base_sq = float(torch.dot(base, base))
     taus.sub_(base)
     gram = (taus @ taus.T).double()
     _require_finite(gram, base_sq, labels, name, base_label)
-    sparsify_(taus, plan, labels, seed_name or name, part)
-    delta = combine(taus, weights, plan, out=out)
+    sparsify_(taus, plan, labels, seed_name or name, part, row_length=shape[-1] if len(shape) > 1 else None)
+    # Iso-C leaves vocabulary tables (embeddings, LM head) as a mean: their rows are tokens, not a map
+    matrix = (shape[0], shape[1]) if len(shape) == 2 and not is_vocab_tensor(name) else None
+    delta = combine(taus, weights, plan, out=out, matrix_shape=matrix)
     return delta.add_(base), gram, base_sq
 
 
@@ -193,7 +196,7 @@ def stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes: 
     """Reads, merges and writes every piece of `work` in order, overlapping read, compute and write."""
     base, plan, labels, coefficients, compute_device = job.base, job.plan, job.labels, job.coefficients, job.device
     inputs = _Inputs(base, job.pairs, compute_device)
-    aliases = tied_aliases(base) if plan.sparsify == "random" else {}
+    aliases = tied_aliases(base) if plan.random else {}
     capacity = checkpoint.CHUNK_ELEMENTS  # whole tensors larger than this (TIES only) get their own buffers
     workspaces = [_Workspace(len(labels) + 1, capacity, compute_device.type == "cuda") for _ in range(2)]
     totals = _Totals(gram=torch.zeros((len(labels), len(labels)), dtype=torch.float64))
@@ -218,7 +221,7 @@ def stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes: 
                 out = workspace.result[:n] if n <= workspace.capacity and compute_device.type == "cpu" else None
                 result32, gram, base_sq = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
                                                        rows[0] if rows else 0, out, aliases.get(info.name),
-                                                       job.base_label)
+                                                       job.base_label, tuple(shape))
                 totals.gram += gram.cpu()
                 totals.base_sq_norm += base_sq
                 result = result32.reshape(shape).to(info.dtype)

@@ -83,7 +83,7 @@ def extract_stats(
     numel = changed = 0
     base_total = raw_total = 0.0
     capacity = checkpoint.CHUNK_ELEMENTS
-    aliases = tied_aliases(base) if plan.sparsify == "random" else {}
+    aliases = tied_aliases(base) if plan.random else {}
     ft_buffer, base_buffer = torch.empty(capacity), torch.empty(capacity)
     for name in base.names:
         info = base.info(name)
@@ -97,7 +97,8 @@ def extract_stats(
             tau.sub_(theta0)
             if plan.sparsify != "none":
                 raw_sq += float(torch.dot(tau, tau))
-            value += sq_norm_after_sparsify(tau, plan, label, aliases.get(name, name), rows[0] if rows else 0)
+            value += sq_norm_after_sparsify(tau, plan, label, aliases.get(name, name), rows[0] if rows else 0,
+                                            info.shape[-1] if len(info.shape) > 1 else None)
         if not math.isfinite(base_sq):
             raise CheckpointError(f"base {Path(base_dir)}: tensor {name!r} contains NaN or Inf")
         if not math.isfinite(value) or not math.isfinite(raw_sq):

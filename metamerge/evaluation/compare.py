@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metamerge.errors import RecipeError
-from metamerge.methods.registry import METHODS, compare_defaults
+from metamerge.methods.registry import METHODS, PARAMETERS, compare_defaults
 from metamerge.recipe import Method
 
 SUMMARY_COLUMNS = ("avg_abs", "avg_norm")
@@ -22,15 +22,20 @@ DEFAULT_METHODS = compare_defaults()
 
 
 def parse_method(spec: str, seed: int = 0) -> Method:
-    """`name` or `name:granularity` (MetaGPT variants); random methods get a fixed seed."""
-    name, _, granularity = spec.strip().partition(":")
+    """`name`, `name:granularity` (MetaGPT variants) or `name:key=value[:key=value]` (any parameter,
+    e.g. `metagpt+ties:disjoint=sum`); random methods get `seed` unless the spec sets one."""
+    name, *parts = spec.strip().split(":")
     if name not in METHODS:
         raise RecipeError(f"unknown method {name!r} in --methods; choose from {', '.join(METHODS)}")
     data: dict[str, object] = {"name": name}
-    if granularity:
-        data["granularity"] = granularity
+    for part in parts:
+        key, equals, value = part.partition("=")
+        if equals:
+            data[key] = value
+        else:
+            data["granularity"] = part
     if METHODS[name].random:
-        data["seed"] = seed
+        data.setdefault("seed", seed)
     try:
         return Method.model_validate(data)
     except ValueError as exc:
@@ -38,7 +43,16 @@ def parse_method(spec: str, seed: int = 0) -> Method:
 
 
 def method_label(method: Method) -> str:
-    return f"{method.name}:{method.granularity}" if method.granularity and method.granularity != "model" else method.name
+    """The spec that `parse_method` reads back: the name, a non-model granularity, then every other
+    parameter the method was given explicitly (not the seed: seeds are compared across runs)."""
+    label = method.name
+    if method.granularity and method.granularity != "model":
+        label += f":{method.granularity}"
+    for key, param in PARAMETERS.items():
+        value = getattr(method, key)
+        if key not in ("granularity", "seed") and value is not None:
+            label += f":{param.spelled}={value}"
+    return label
 
 
 @dataclass(frozen=True)
@@ -151,3 +165,11 @@ def _scores(record: Mapping[str, object], tasks: Sequence[str]) -> dict[str, flo
 
 def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
+
+
+def choose_best(runs: Mapping[str, Mapping[str, object]]) -> tuple[str, list[dict[str, object]]]:
+    """Best of several candidates: the label with the highest normalized average, and every
+    candidate's row (scores, averages, whether it was chosen) for the report and the artifacts."""
+    comparison = Comparison.from_runs(runs)
+    best = comparison.best_method()
+    return best, [{"method": label, **comparison.rows[label], "chosen": label == best} for label in comparison.methods()]

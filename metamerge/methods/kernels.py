@@ -57,10 +57,16 @@ def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
 
 def _magnitude_drop(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
     """Flat bool mask of the entries TIES' trim removes."""
+    return _drop_all_but_top(magnitudes, max(1, int(density * magnitudes.numel())))
+
+
+def _drop_all_but_top(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat bool mask of every entry outside the k largest; ties at the threshold keep the lower index."""
     n = magnitudes.numel()
-    k = max(1, int(density * n))
     if k >= n:
         return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    if k <= 0:
+        return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
     threshold = kth_largest(magnitudes, k)
     drop = magnitudes < threshold
     kept = n - int(torch.count_nonzero(drop))
@@ -70,31 +76,73 @@ def _magnitude_drop(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
     return drop
 
 
+def outlier_drop(magnitudes: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs: keep int(density·n) entries, the largest ones after the int(γ·n) largest (outliers).
+
+    mergekit's `magnitude_outliers` counts the same way (a γ above 1 − density removes fewer
+    outliers so that the density is met) but keeps nothing when γ·n < 1; here that keeps the top.
+    """
+    n = magnitudes.numel()
+    keep = max(1, int(density * n))
+    outliers = min(int(gamma * n), n - keep)
+    return _drop_all_but_top(magnitudes, keep + outliers) | ~_drop_all_but_top(magnitudes, outliers)
+
+
+def ranked_keep_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA (MagPrune): in each row, keep probability rises linearly with |τ|'s rank, from density − ε
+    (smallest) to density + ε (largest), so a row keeps `density` of its entries on average.
+
+    `magnitudes` is [rows, columns]; ties in magnitude are ranked by position (a stable sort).
+    """
+    columns = magnitudes.shape[-1]
+    if columns == 1:
+        return torch.full_like(magnitudes, density)
+    order = torch.argsort(magnitudes, dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(columns, device=magnitudes.device).expand_as(order))
+    return (density - epsilon) + ranks.to(magnitudes.dtype) * (2 * epsilon / (columns - 1))
+
+
 def random_mask(shape: torch.Size, density: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """Bernoulli(density) keep-mask drawn on the CPU so every device gets identical masks."""
     return (torch.rand(shape, generator=generator) < density).to(device)
 
 
-def sparsify_(taus: torch.Tensor, plan: MergePlan, labels: list[str], tensor_name: str, part: int = 0) -> torch.Tensor:
-    """In place on `taus` [T, ...]: TIES trim or DARE drop-and-rescale; returns `taus`."""
+def sparsify_(taus: torch.Tensor, plan: MergePlan, labels: list[str], tensor_name: str, part: int = 0,
+              row_length: int | None = None) -> torch.Tensor:
+    """In place on `taus` [T, ...]: TIES trim, Breadcrumbs, DARE or DELLA drop-and-rescale; returns `taus`.
+
+    `row_length`: the tensor's last dimension, which DELLA ranks within (None: one row).
+    """
     if plan.sparsify == "none" or plan.density >= 1.0:
         return taus
     for t in range(taus.shape[0]):
+        flat = taus[t].reshape(-1)
         if plan.sparsify == "magnitude":
-            flat = taus[t].reshape(-1)
             flat.masked_fill_(_magnitude_drop(flat.abs(), plan.density), 0.0)
-        else:
+        elif plan.sparsify == "outliers":
+            flat.masked_fill_(outlier_drop(flat.abs(), plan.density, plan.gamma), 0.0)
+        elif plan.sparsify == "random":
             gen = dare_generator(int(plan.seed or 0), labels[t], tensor_name, part)
             taus[t].mul_(random_mask(taus[t].shape, plan.density, gen, taus.device))
             taus[t].div_(plan.density)
+        else:  # ranked: keep with a per-entry probability p, rescale kept entries by 1/p (unbiased, as the paper)
+            rows = flat.reshape(-1, row_length or flat.numel())
+            keep = ranked_keep_probabilities(rows.abs(), plan.density, plan.epsilon)
+            gen = dare_generator(int(plan.seed or 0), labels[t], tensor_name, part)
+            draw = torch.rand(rows.shape, generator=gen).to(taus.device)
+            rows.mul_((draw < keep).to(rows.dtype)).div_(keep)
     return taus
 
 
-def combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None = None) -> torch.Tensor:
+def combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None = None,
+            matrix_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """Δ = scale · Σ_t w_t m_t τ_t / (Σ_t w_t m_t if normalize else 1), m from sign election.
 
     The linear case is one matrix-vector product over [T, n] (a single memory pass), written
-    into `out` when given so the streaming engine can reuse its buffers.
+    into `out` when given so the streaming engine can reuse its buffers. With `spectral: iso`,
+    a weight matrix (`matrix_shape`, given by the engine for 2-D non-vocabulary tensors) gets
+    Iso-C's update instead: the sum of task vectors with its singular values all set to their mean.
     """
     if plan.consensus == "none" and not plan.normalize:
         flat = taus.reshape(taus.shape[0], -1)
@@ -108,9 +156,22 @@ def combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: tor
             block = flat[:, start : start + CONSENSUS_BLOCK]
             _elect_and_combine(block, weights, plan, delta[start : start + CONSENSUS_BLOCK])
         delta = delta.reshape(taus.shape[1:])
+    if plan.spectral == "iso" and matrix_shape is not None:
+        delta = _isotropic(delta, matrix_shape, taus.shape[0] / float(weights.sum()))
     if plan.scale != 1.0:
         delta.mul_(plan.scale)
     return delta
+
+
+def _isotropic(delta: torch.Tensor, matrix_shape: tuple[int, int], to_sum: float) -> torch.Tensor:
+    """Iso-C (arXiv 2502.04959): U·diag(mean σ)·Vᵀ of the summed task matrix, in place of `delta`.
+
+    `delta` is the (uniformly) weighted Σ w τ; the paper flattens the spectrum of the plain sum
+    Σ τ = `to_sum` · delta (T / Σ w), so α = 1 gives the sum's average singular value.
+    """
+    u, sigma, vh = torch.linalg.svd(delta.reshape(matrix_shape) * to_sum, full_matrices=False)
+    flattened = (u * sigma.mean()) @ vh
+    return delta.copy_(flattened.reshape(delta.shape))
 
 
 CONSENSUS_BLOCK = 1 << 16
@@ -133,16 +194,18 @@ def _elect_and_combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePla
 
 
 def chunked(plan: MergePlan) -> bool:
-    """TIES' trim needs a whole tensor's magnitudes; every other kernel is element-wise."""
-    return plan.sparsify != "magnitude"
+    """Row chunks of a tensor merge independently, except under a whole-tensor rule: TIES' and
+    Breadcrumbs' magnitude ranks, Iso-C's SVD. (DELLA ranks within rows, and chunks are whole rows.)"""
+    return plan.sparsify not in ("magnitude", "outliers") and plan.spectral == "none"
 
 
 def sq_norm(tau: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(tau, dtype=torch.float64)) ** 2
 
 
-def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0) -> float:
+def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0,
+                           row_length: int | None = None) -> float:
     """‖sparsify(τ)‖², which is what MetaGPT weighs when combined with TIES or DARE."""
     if plan.sparsify == "none":
         return sq_norm(tau)
-    return sq_norm(sparsify_(tau.unsqueeze(0), plan, [label], tensor_name, part)[0])
+    return sq_norm(sparsify_(tau.unsqueeze(0), plan, [label], tensor_name, part, row_length)[0])

@@ -37,6 +37,10 @@ PARAMETERS: dict[str, Parameter] = {p.key: p for p in (
     Parameter("density", "density", {"gt": 0, "le": 1}, doc="share of each task vector that is kept"),
     Parameter("combine", "combine", choices=("linear", "ties"), doc="linear sum, or TIES' sign election after the drop"),
     Parameter("seed", "seed", doc="seed of the random drop (required: runs must be reproducible)"),
+    Parameter("gamma", "gamma", {"ge": 0, "lt": 1}, doc="share of the largest |τ| dropped as outliers"),
+    Parameter("epsilon", "epsilon", {"gt": 0, "lt": 0.5}, doc="keep probabilities span density ± epsilon by rank"),
+    Parameter("disjoint", "disjoint", choices=("mean", "sum"),
+              doc="after the election: λ-weighted mean of the agreeing entries, or their λ-weighted sum"),
 )}
 
 
@@ -48,6 +52,7 @@ class MethodSpec:
     defaults: dict[str, Any]  # parameters it accepts and their defaults (None: derived, see `param`)
     build_plan: Callable[[Method], MergePlan]
     compare_variants: tuple[str, ...] = ()  # `compare`'s default labels for this method
+    check: Callable[[Method], str | None] | None = None  # a rule across parameters: the error, or None
 
     @property
     def random(self) -> bool:
@@ -56,23 +61,47 @@ class MethodSpec:
 
 
 def _dare_scale(method: Method) -> float:
-    """DARE's λ: 1 under TIES' election (its disjoint mean keeps the scale), else Task Arithmetic's 0.3."""
+    """λ of a sparsified merge: 1 under TIES' election (its disjoint mean keeps the scale), else Task Arithmetic's 0.3."""
     return 1.0 if method.param("combine") == "ties" else 0.3
 
 
-def _dare_plan(method: Method) -> MergePlan:
+def _sparse_plan(method: Method, sparsify: str, **extra: Any) -> MergePlan:
+    """DARE, Breadcrumbs and DELLA: a sparsified task arithmetic (linear: λ per task) or, with
+    `combine: ties`, TIES' election and disjoint mean, times λ."""
     ties = method.param("combine") == "ties"
     return MergePlan(
-        sparsify="random", density=method.param("density"), seed=method.param("seed"),
-        consensus="ties" if ties else "none", weighting="constant",
-        weight=1.0 if ties else method.param("scale"),
-        scale=method.param("scale") if ties else 1.0, normalize=ties,
+        sparsify=sparsify, density=method.param("density"), consensus="ties" if ties else "none",
+        weighting="constant", weight=1.0 if ties else method.param("scale"),
+        scale=method.param("scale") if ties else 1.0, normalize=ties, **extra,
     )
+
+
+def _dare_plan(method: Method) -> MergePlan:
+    return _sparse_plan(method, "random", seed=method.param("seed"))
+
+
+def _della_check(method: Method) -> str | None:
+    density, epsilon = method.param("density"), method.param("epsilon")
+    if not density - epsilon > 0 and density + epsilon <= 1:
+        return f"della needs 0 < density − epsilon and density + epsilon ≤ 1 (density {density}, epsilon {epsilon})"
+    return None
+
+
+def _metagpt_sparse_plan(method: Method, sparsify: str, **extra: Any) -> MergePlan:
+    """MetaGPT's λ on the sparsified task vectors; after TIES' election, a λ-weighted disjoint mean
+    (mergekit's TIES with weights) unless `disjoint: sum`."""
+    elect = sparsify == "magnitude" or method.param("combine") == "ties"
+    return MergePlan(sparsify=sparsify, density=method.param("density"), consensus="ties" if elect else "none",
+                     weighting="metagpt", granularity=method.param("granularity"),
+                     normalize=elect and method.param("disjoint") == "mean", **extra)
 
 
 TASK_ARITHMETIC = "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)"
 TIES = "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)"
 DARE = "Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)"
+BREADCRUMBS = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
+DELLA = "Deep et al., DELLA-Merging, 2024 (arXiv 2406.11617)"
+ISO_C = "Marczak et al., No Task Left Behind: Isotropic Model Merging (Iso-C), ICML 2025 (arXiv 2502.04959)"
 METAGPT = "Zhou et al., MetaGPT: Merging LLMs Using Model Exclusive Task Arithmetic, EMNLP 2024 (arXiv 2406.11385)"
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in (
@@ -89,19 +118,32 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("metagpt", "θ₀ + Σ λ_t τ_t, λ_t = ‖τ_t‖²/Σ‖τ_k‖² over the model (the paper), a transformer block, or a tensor", METAGPT, {"granularity": "model"},
                lambda m: MergePlan(weighting="metagpt", granularity=m.param("granularity")),
                ("metagpt", "metagpt:layer", "metagpt:tensor")),
-    MethodSpec("metagpt+ties", "TIES trim + sign election, then Σ λ_t m_t τ_t with MetaGPT λ computed on the trimmed τ", f"{METAGPT}; {TIES}",
-               {"density": 0.2, "granularity": "model"},
-               lambda m: MergePlan(sparsify="magnitude", density=m.param("density"), consensus="ties",
-                                   weighting="metagpt", granularity=m.param("granularity")), ("metagpt+ties",)),
-    MethodSpec("metagpt+dare", "DARE drop-and-rescale, then MetaGPT λ computed on the sparsified τ", f"{METAGPT}; {DARE}",
-               {"density": 0.55, "granularity": "model", "seed": None},
-               lambda m: MergePlan(sparsify="random", density=m.param("density"), seed=m.param("seed"),
-                                   weighting="metagpt", granularity=m.param("granularity")), ("metagpt+dare",)),
+    MethodSpec("metagpt+ties", "TIES trim + sign election, then the λ-weighted disjoint mean "
+               "Σ λ_t m_t τ_t / Σ λ_t m_t (`disjoint: sum`: no division), MetaGPT λ computed on the trimmed τ",
+               f"{METAGPT}; {TIES}", {"density": 0.2, "granularity": "model", "disjoint": "mean"},
+               lambda m: _metagpt_sparse_plan(m, "magnitude"), ("metagpt+ties",)),
+    MethodSpec("metagpt+dare", "DARE drop-and-rescale, then Σ λ_t τ_t (`combine: ties`: election and λ-weighted "
+               "disjoint mean), MetaGPT λ computed on the sparsified τ", f"{METAGPT}; {DARE}",
+               {"density": 0.55, "granularity": "model", "combine": "linear", "disjoint": "mean", "seed": None},
+               lambda m: _metagpt_sparse_plan(m, "random", seed=m.param("seed")), ("metagpt+dare",)),
+    MethodSpec("breadcrumbs", "drop the smallest \\|τ\\| and the largest γ·n (outliers) so that `density` is kept, "
+               "then linear sum × λ or TIES", BREADCRUMBS,
+               {"density": 0.2, "gamma": 0.01, "combine": "linear", "scale": None},
+               lambda m: _sparse_plan(m, "outliers", gamma=m.param("gamma")), ("breadcrumbs",)),
+    MethodSpec("della", "keep each entry with probability density ± epsilon by its \\|τ\\| rank in its row, rescale by "
+               "1/p, then TIES (or linear sum × λ)", DELLA,
+               {"density": 0.55, "epsilon": 0.15, "combine": "ties", "scale": None, "seed": None},
+               lambda m: _sparse_plan(m, "ranked", seed=m.param("seed"), epsilon=m.param("epsilon")), ("della",),
+               check=_della_check),
+    MethodSpec("iso_c", "each weight matrix: α · U diag(mean σ) Vᵀ of Σ τ_t (its spectrum flattened); other "
+               "tensors and vocabulary tables: α · mean τ", ISO_C, {"scale": 1.0},
+               lambda m: MergePlan(weighting="uniform", spectral="iso", scale=m.param("scale")), ("iso_c",)),
 )}
 
 # derived defaults: a parameter whose default depends on another one (and how the docs say it)
-DERIVED_DEFAULTS: dict[tuple[str, str], Callable[[Method], Any]] = {("dare", "scale"): _dare_scale}
-DERIVED_DOCS: dict[tuple[str, str], str] = {("dare", "scale"): "0.3 (linear) / 1.0 (ties)"}
+DERIVED_DEFAULTS: dict[tuple[str, str], Callable[[Method], Any]] = {
+    (name, "scale"): _dare_scale for name in ("dare", "breadcrumbs", "della")}
+DERIVED_DOCS: dict[tuple[str, str], str] = {key: "0.3 (linear) / 1.0 (ties)" for key in DERIVED_DEFAULTS}
 
 
 def method_spec(name: str) -> MethodSpec:

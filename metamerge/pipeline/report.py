@@ -62,6 +62,11 @@ def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: C
               f"in {merge_report['seconds']:.2f} s on {merge_report['device']}."]
     if table is not None:
         lines += ["", "## Scores (absolute; avg_norm = merged / own fine-tune)", "", table.to_markdown()]
+    if merge_report.get("candidates"):
+        lines += ["", f"## Candidates (best of {len(merge_report['candidates'])} by avg_norm)", "",
+                  "| candidate | avg_abs | avg_norm | chosen |", "|---|---:|---:|---|"]
+        lines += [f"| {c['method']} | {c['avg_abs'] or 0.0:.4f} | {c['avg_norm'] or 0.0:.4f} | {'yes' if c['chosen'] else ''} |"
+                  for c in merge_report["candidates"]]
     if gate is not None:
         lines += ["", f"## Quality gate: {'passed' if gate.passed else 'FAILED, not published'}", ""]
         lines += [f"- {row['result']}: {row['check']}" for row in gate.as_records()]
@@ -73,9 +78,11 @@ def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: C
     return "\n".join(lines) + "\n"
 
 
-def report_inputs(merge_report: dict, norms: dict[str, float], dropped: dict[str, dict[str, int]]) -> dict:
-    """The merge's report plus the norms checked before the merge and the vocabulary rows each fine-tune lost."""
-    return {**merge_report, "relative_norms": norms, "dropped_rows": dropped}
+def report_inputs(merge_report: dict, norms: dict[str, float], dropped: dict[str, dict[str, int]],
+                  candidates: list[dict] | None = None) -> dict:
+    """The merge's report plus the norms checked before the merge, the vocabulary rows each fine-tune
+    lost and, for a best-of-several recipe, every candidate's scores."""
+    return {**merge_report, "relative_norms": norms, "dropped_rows": dropped, "candidates": candidates or []}
 
 
 def run_documents(recipe: Recipe, inputs: list[ResolvedModel], coefficients: Coefficients, plan: MergePlan,
@@ -93,4 +100,6 @@ def run_documents(recipe: Recipe, inputs: list[ResolvedModel], coefficients: Coe
     if table is not None:
         documents["scores.json"] = json.dumps(
             {"rows": table.rows, "records": table.as_records(), "merged": table.merged_label}, indent=1)
+    if report_data.get("candidates"):
+        documents["candidates.json"] = json.dumps(report_data["candidates"], indent=1)
     return documents
