@@ -35,6 +35,11 @@ METHODS: dict[str, dict] = {
     "dare:ties": {"name": "dare", "combine": "ties", "seed": 7},
     "metagpt+ties": {"name": "metagpt+ties"},
     "metagpt+dare": {"name": "metagpt+dare", "seed": 7},
+    "metagpt+ties:disjoint=sum": {"name": "metagpt+ties", "disjoint": "sum"},
+    "metagpt+dare:combine=linear": {"name": "metagpt+dare", "combine": "linear", "seed": 7},
+    "breadcrumbs": {"name": "breadcrumbs"},
+    "della": {"name": "della", "seed": 7},
+    "iso_c": {"name": "iso_c"},
 }
 DTYPES = ("auto", "bfloat16")
 

@@ -20,7 +20,9 @@ from metamerge.recipe import Recipe
 def best_of(flow: Flow, rec: Recipe, run_id: str | None) -> dict[str, Any]:
     logger = get_run_logger()
     runs: dict[str, dict[str, Any]] = {}
-    by_label = {method_label(method): method for method in rec.candidates}
+    # candidates may differ only in their seed: the label names it then
+    by_label = {method_label(method) + (f":seed={method.seed}" if method.seed is not None else ""): method
+                for method in rec.candidates}
     for label, method in by_label.items():
         variant = rec.model_copy(update={"method": method, "candidates": (), "publish": None, "gate": None})
         parameters = variant.model_dump(mode="json", by_alias=True, exclude_none=True)

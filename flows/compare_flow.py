@@ -27,7 +27,7 @@ def compare_flow(recipe: str | dict[str, Any], methods: list[str] | None = None,
     runs: dict[str, dict[str, Any]] = {}
     for method in chosen:
         label = method_label(method)
-        variant = rec.model_copy(update={"method": method, "publish": None, "gate": None})
+        variant = rec.model_copy(update={"method": method, "candidates": (), "publish": None, "gate": None})
         parameters = variant.model_dump(mode="json", by_alias=True, exclude_none=True)  # a flow parameter is JSON
         with progress.scoped(label):  # the CLI shows one line per method
             runs[label] = merge_flow.with_options(flow_run_name=f"{rec.name} · {label}")(parameters)

@@ -56,8 +56,9 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     rec = load_any(recipe)
     if finetune_refs:
         rec = extend_recipe(rec, [entry_for_ref(ref, rec.endpoint_url) for ref in finetune_refs])
-    if rec.candidates:
-        return best_of(merge_flow, rec, run_id)  # this flow per candidate, then the winner's publish
+    if rec.candidates:  # this flow per candidate, then the winner's publish; the targets are checked first
+        preflight(rec)
+        return best_of(merge_flow, rec, run_id)
     if rec.runner.kind == "dask" and not on_dask():
         return run_on_dask(merge_flow, rec, run_id, candidates=candidates)  # the same flow, as a subflow whose tasks run on Dask
     dask = rec.runner.kind == "dask"

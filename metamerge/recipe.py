@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from metamerge.errors import RecipeError
 from metamerge.methods.registry import METHODS, PARAMETERS, MethodSpec, default_of
@@ -164,24 +164,14 @@ class Recipe(_Strict):
             return self.runner.storage
         return f"{self.results.rstrip('/')}/shared" if self.results else None
 
-    @field_validator("finetunes", mode="before")
+    @field_validator("finetunes", "method", "candidates", mode="before")
     @classmethod
-    def _refs_as_strings(cls, value: Any) -> Any:
+    def _strings_as_mappings(cls, value: Any, info: ValidationInfo) -> Any:
+        """`finetunes: [path, ...]`, `method: ties` and `candidates: [metagpt, ties]` are short forms."""
+        key = "ref" if info.field_name == "finetunes" else "name"
         if isinstance(value, list):
-            return [{"ref": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("method", mode="before")
-    @classmethod
-    def _method_as_string(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
-
-    @field_validator("candidates", mode="before")
-    @classmethod
-    def _candidates_as_strings(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+            return [{key: v} if isinstance(v, str) else v for v in value]
+        return {key: value} if isinstance(value, str) and info.field_name == "method" else value
 
     @model_validator(mode="after")
     def _unique_labels(self) -> Recipe:

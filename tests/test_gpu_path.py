@@ -15,6 +15,10 @@ PLANS = {
     "metagpt": MergePlan(),
     "ties": MergePlan(sparsify="magnitude", density=0.2, consensus="ties", weighting="constant", normalize=True),
     "dare": MergePlan(sparsify="random", density=0.5, seed=1, weighting="constant", weight=0.3),
+    "breadcrumbs": MergePlan(sparsify="outliers", density=0.3, gamma=0.05, weighting="constant", weight=0.3),
+    "della": MergePlan(sparsify="ranked", density=0.5, epsilon=0.15, seed=1, consensus="ties", weighting="constant",
+                       normalize=True),
+    "iso_c": MergePlan(weighting="uniform", spectral="iso"),
 }
 
 

@@ -168,9 +168,10 @@ def test_della_keeps_by_magnitude_rank_within_rows_and_rescales(tmp_path):
 def test_della_validates_its_probability_range():
     from metamerge.errors import RecipeError
 
-    with pytest.raises(RecipeError, match="density − epsilon"):
-        parse_recipe({"name": "t", "base": "b", "finetunes": ["f"], "method": {"name": "della", "seed": 1,
-                                                                              "density": 0.1, "epsilon": 0.2}})
+    for density, epsilon in [(0.1, 0.2), (0.95, 0.1)]:  # a keep probability ≤ 0 or above 1
+        with pytest.raises(RecipeError, match="density − epsilon"):
+            parse_recipe({"name": "t", "base": "b", "finetunes": ["f"],
+                          "method": {"name": "della", "seed": 1, "density": density, "epsilon": epsilon}})
 
 
 def test_iso_c_flattens_the_spectrum_of_each_weight_matrix(tmp_path):
@@ -310,12 +311,17 @@ def test_dare_with_ties_combine_and_metagpt_dare(tmp_path):
                           family=_probe_family)
     _check_masks(_decode_ties(probe[PROBE], 0.8, 0.2), 0.2)
 
-    base, fts, merged, coefficients = _run(tmp_path / "m", {"name": "metagpt+dare", "seed": 3, "density": 0.6})
+    base, fts, merged, coefficients = _run(tmp_path / "m", {"name": "metagpt+dare", "seed": 3, "density": 0.6,
+                                                            "combine": "linear"})
     lam = list(coefficients.model_level().values())
     assert abs(sum(lam) - 1) < 1e-9
     b, taus = _taus(base, fts, name)
     want = b + sum(w * d for w, d in zip(lam, dropped, strict=True))
     _close(merged[name], want, torch.float32)
+    # the default (issue 17): TIES' election on the λ-weighted dropped vectors, then their λ-weighted disjoint mean
+    base, fts, merged, coefficients = _run(tmp_path / "d", {"name": "metagpt+dare", "seed": 3, "density": 0.6})
+    lam = list(coefficients.model_level().values())
+    _close(merged[name], b + _ties_reference(dropped, lam, 1.0, normalize=True), torch.float32)
 
 
 def test_sign_election_with_zeros_and_exact_ties():
@@ -351,7 +357,7 @@ def test_engine_equals_kernel_on_odd_shapes_with_sharding(tmp_path):
         _close(got[k], b + sum(w * t for w, t in zip(lam, taus, strict=True)), torch.float32)
 
 
-@pytest.mark.parametrize("method", [{"name": "metagpt", "granularity": "tensor"}, {"name": "metagpt+dare", "seed": 5},
+@pytest.mark.parametrize("method", [{"name": "metagpt", "granularity": "tensor"}, {"name": "metagpt+dare", "seed": 5, "combine": "linear"},
                                     {"name": "ties"}])
 def test_row_chunking_gives_the_same_merge_where_it_applies(tmp_path, monkeypatch, method):
     """Chunked streaming (bounded memory) must not change results; DARE's masks are drawn per chunk."""
@@ -434,3 +440,17 @@ def test_engine_output_files_equal_dense_reference_on_the_zoo(zoo, tmp_path, met
             want = bk + _ties_reference([_trim(t.astype(np.float32).astype(np.float64), 0.2) for t in taus],
                                         [1] * len(taus), 1.0, normalize=True)
         np.testing.assert_allclose(got[k].double().numpy(), want, rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_iso_c_keeps_a_rank_deficient_sum_in_its_own_subspace():
+    """Two rank-1 task vectors: the flattened update is rank 2, σ̄ = the mean of the two non-zero σ,
+    the same in float32 and float64 (no null-space direction the SVD routine happened to pick)."""
+    gen = torch.Generator().manual_seed(0)
+    vectors = [torch.outer(torch.randn(64, generator=gen), torch.randn(48, generator=gen)) for _ in range(2)]
+    taus = torch.stack([v.reshape(-1) for v in vectors])
+    plan = MergePlan(weighting="uniform", spectral="iso")
+    delta = combine(taus.clone(), torch.full((2,), 0.5), plan, matrix_shape=(64, 48)).reshape(64, 48)
+    u, sigma, vh = np.linalg.svd((vectors[0] + vectors[1]).double().numpy(), full_matrices=False)
+    want = sigma[:2].mean() * (u[:, :2] @ vh[:2])
+    np.testing.assert_allclose(delta.double().numpy(), want, rtol=1e-4, atol=1e-4)
+    assert np.linalg.matrix_rank(delta.double().numpy(), tol=1e-3) == 2

@@ -116,6 +116,8 @@ def sparsify_(taus: torch.Tensor, plan: MergePlan, labels: list[str], tensor_nam
     """
     if plan.sparsify == "none" or plan.density >= 1.0:
         return taus
+    if taus[0].numel() == 0:
+        return taus
     for t in range(taus.shape[0]):
         flat = taus[t].reshape(-1)
         if plan.sparsify == "magnitude":
@@ -167,10 +169,16 @@ def _isotropic(delta: torch.Tensor, matrix_shape: tuple[int, int], to_sum: float
     """Iso-C (arXiv 2502.04959): U·diag(mean σ)·Vᵀ of the summed task matrix, in place of `delta`.
 
     `delta` is the (uniformly) weighted Σ w τ; the paper flattens the spectrum of the plain sum
-    Σ τ = `to_sum` · delta (T / Σ w), so α = 1 gives the sum's average singular value.
+    Σ τ = `to_sum` · delta (T / Σ w), so α = 1 gives the sum's average singular value. On a
+    full-rank sum this is the paper's update; a rank-deficient one keeps its own subspace.
     """
     u, sigma, vh = torch.linalg.svd(delta.reshape(matrix_shape) * to_sum, full_matrices=False)
-    flattened = (u * sigma.mean()) @ vh
+    # the numerical rank only (numpy's matrix_rank tolerance): a null-space direction is whatever the
+    # SVD routine picked, so giving it σ̄ would make the merge depend on the library and the device
+    rank = int(torch.count_nonzero(sigma > sigma.max() * max(matrix_shape) * torch.finfo(sigma.dtype).eps))
+    if rank == 0:
+        return delta.zero_()
+    flattened = (u[:, :rank] * sigma[:rank].mean()) @ vh[:rank]
     return delta.copy_(flattened.reshape(delta.shape))
 
 

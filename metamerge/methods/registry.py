@@ -82,7 +82,7 @@ def _dare_plan(method: Method) -> MergePlan:
 
 def _della_check(method: Method) -> str | None:
     density, epsilon = method.param("density"), method.param("epsilon")
-    if not density - epsilon > 0 and density + epsilon <= 1:
+    if not (density - epsilon > 0 and density + epsilon <= 1):
         return f"della needs 0 < density − epsilon and density + epsilon ≤ 1 (density {density}, epsilon {epsilon})"
     return None
 
@@ -122,9 +122,9 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
                "Σ λ_t m_t τ_t / Σ λ_t m_t (`disjoint: sum`: no division), MetaGPT λ computed on the trimmed τ",
                f"{METAGPT}; {TIES}", {"density": 0.2, "granularity": "model", "disjoint": "mean"},
                lambda m: _metagpt_sparse_plan(m, "magnitude"), ("metagpt+ties",)),
-    MethodSpec("metagpt+dare", "DARE drop-and-rescale, then Σ λ_t τ_t (`combine: ties`: election and λ-weighted "
-               "disjoint mean), MetaGPT λ computed on the sparsified τ", f"{METAGPT}; {DARE}",
-               {"density": 0.55, "granularity": "model", "combine": "linear", "disjoint": "mean", "seed": None},
+    MethodSpec("metagpt+dare", "DARE drop-and-rescale, TIES' election and the λ-weighted disjoint mean "
+               "(`combine: linear`: Σ λ_t τ_t), MetaGPT λ computed on the sparsified τ", f"{METAGPT}; {DARE}",
+               {"density": 0.55, "granularity": "model", "combine": "ties", "disjoint": "mean", "seed": None},
                lambda m: _metagpt_sparse_plan(m, "random", seed=m.param("seed")), ("metagpt+dare",)),
     MethodSpec("breadcrumbs", "drop the smallest \\|τ\\| and the largest γ·n (outliers) so that `density` is kept, "
                "then linear sum × λ or TIES", BREADCRUMBS,

@@ -27,7 +27,7 @@ def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: Merg
     if not out.exists():
         if store is not None:
             base, finetune = local_model(base, store), local_model(finetune, store)
-        stats = extract_stats(base.path, finetune.path, label, plan, vocab)
+        stats = extract_stats(base.path, finetune.path, label, plan if plan.needs_norms else MergePlan(), vocab)
         with writing(out):
             out.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(out, lambda tmp: stats.save(tmp))

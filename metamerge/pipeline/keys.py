@@ -43,7 +43,8 @@ def ref_signature(ref: str) -> str:
 
 
 def stats_path(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str, workdir: Path) -> Path:
-    sparsify = (plan.sparsify, plan.density, plan.seed)
+    # the sparsified ‖τ‖² matter only where MetaGPT weighs them; every other method extracts dense norms
+    sparsify = (plan.sparsify, plan.density, plan.seed, plan.gamma, plan.epsilon) if plan.needs_norms else ("none",)
     key = short_hash(base.fingerprint, finetune.fingerprint, label, sparsify, vocab, CODE_VERSION, STATS_VERSION)
     return Path(workdir) / "stats" / f"{key}.json"
 
