@@ -141,7 +141,10 @@ def upload_unless_present(client, bucket: str, key: str, path: Path, meta: dict)
         return False
     part = max(PART_BYTES, -(-int(meta["size"]) // 9000))
     # a non-seekable source keeps at most 10 parts in memory (s3transfer's default): 160 MB
-    config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=part)
+    # one PutObject (below the threshold) runs in this thread: s3transfer's worker threads add nothing
+    # there, and once (under heavy load) its future never completed, hanging a publish
+    config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=part,
+                            use_threads=int(meta["size"]) >= MULTIPART_BYTES)
     with open(path, "rb") as fh:
         sent = _HashingReader(fh)
         client.upload_fileobj(sent, bucket, key, ExtraArgs={"Metadata": {"sha256": meta["sha256"]}}, Config=config)
