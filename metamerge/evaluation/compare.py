@@ -140,11 +140,11 @@ def render_chart(comparison: Comparison, path: Path, title: str = "") -> None:
     groups = [*comparison.tasks, "avg_norm"]
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups) + 0.25 * len(series)), 4.5), dpi=110)
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")  # up to 20 series apart (methods and their variants)
     for i, label in enumerate(series):
         row = comparison.rows[label]
         values = [row.get(g) or 0.0 for g in groups]
-        color = "#9e9e9e" if label == "base" else cmap(i % 10)
+        color = "#9e9e9e" if label == "base" else cmap(i % 20)
         ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(groups))], values, width, label=label,
                color=color, edgecolor="black" if label.startswith("metagpt") else None, linewidth=0.6)
     ax.set_xticks(range(len(groups)), groups)
