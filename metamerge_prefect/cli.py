@@ -311,8 +311,8 @@ def watch(recipe: Path = typer.Argument(..., help="recipe whose base and publish
 @app.command()
 def inspect(run_uri: str = typer.Argument(..., help="s3://bucket/prefix/<model>/<run-id> or a local run folder"),
             endpoint_url: str = typer.Option(None, help="S3 endpoint (default: AWS or $AWS_ENDPOINT_URL)")) -> None:
-    """Show a published run: its manifest, λ and scores."""
-    from metamerge.io.manifests import read_json, read_manifest
+    """Show a published run: its manifest, λ, scores and model card."""
+    from metamerge.io.manifests import read_json, read_manifest, read_text
 
     try:
         manifest = read_manifest(run_uri, endpoint_url)  # `no published run at <uri>` when there is none
@@ -324,6 +324,8 @@ def inspect(run_uri: str = typer.Argument(..., help="s3://bucket/prefix/<model>/
             scores = read_json(f"{run_uri.rstrip('/')}/scores.json", endpoint_url)
             for record in scores["records"]:
                 typer.echo("  " + "  ".join(f"{k}={_cell(v)}" for k, v in record.items()))
+        if "README.md" in manifest["files"]:  # the model card (runs published before it have none)
+            typer.echo("\nmodel card (README.md):\n" + read_text(f"{run_uri.rstrip('/')}/README.md", endpoint_url))
     except (MetamergeError, FileNotFoundError) as exc:
         _fail(exc)
 

@@ -48,6 +48,26 @@ def test_metagpt_flow_publishes_a_verified_merge_that_keeps_the_dominant_skill(z
     assert {"recipe.yaml", "coefficients.json", "scores.json", "report.md", "config.json",
             "model.safetensors.index.json", "tokenizer.json"} <= set(manifest["files"])
 
+    # the model card: Hugging Face front matter, the λ and the scores of this very run; `inspect` shows it
+    import yaml
+    from typer.testing import CliRunner
+
+    from metamerge_prefect.cli import app
+
+    card = client.get_object(Bucket=bucket, Key=f"{run_prefix}/README.md")["Body"].read().decode()
+    _, front, body = card.split("---\n", 2)
+    matter = yaml.safe_load(front)
+    assert matter["library_name"] == "transformers" and {"merge", "metagpt"} <= set(matter["tags"])
+    assert matter["metamerge"]["evaluated_on"] == sorted(zoo.task_names.values())
+    assert "[arXiv 2406.11385](https://arxiv.org/abs/2406.11385)" in body
+    for skill, lam in summary["coefficients"].items():
+        assert f"| {skill} | {lam:.4f} |" in body
+    merged_row = summary["scores"][-1]
+    assert f"{merged_row['avg_norm']:.3f}" in body and "```yaml" in body and zoo.base.name in body
+    shown = CliRunner().invoke(app, ["inspect", f"s3://{bucket}/{run_prefix}", "--endpoint-url", s3_endpoint])
+    assert shown.exit_code == 0, shown.output
+    assert "model card (README.md):" in shown.output and "# zoo-metagpt" in shown.output
+
     # λ are the paper's closed form on the zoo's own task vectors (independent recomputation)
     base = load_file(str(zoo.base / "model.safetensors"))
     norms = {}

@@ -95,3 +95,14 @@ def test_runner_defaults_to_local_and_accepts_dask_forms():
 def test_runner_errors_name_the_key(runner, fragment):
     with pytest.raises(RecipeError, match=fragment.replace("(", r"\(")):
         parse_recipe({**BASE, "runner": runner})
+
+
+def test_model_card_front_matter_names_hub_models_only():
+    from metamerge.pipeline.card import front_matter, paper_links
+
+    recipe = parse_recipe({"name": "m", "base": "hf://org/base@abc", "method": "ties",
+                           "finetunes": [{"ref": "hf://org/ft@1", "tasks": ["b", "a"]}, {"ref": "/local/other", "tasks": ["a"]}]})
+    matter = front_matter(recipe)
+    assert matter == {"library_name": "transformers", "tags": ["merge", "metamerge", "ties"],
+                      "base_model": ["org/base", "org/ft"], "metamerge": {"evaluated_on": ["a", "b"]}}
+    assert paper_links("X (arXiv 2306.01708)") == "X ([arXiv 2306.01708](https://arxiv.org/abs/2306.01708))"

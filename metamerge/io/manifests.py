@@ -18,18 +18,23 @@ LATEST = "latest.json"
 
 def read_json(uri: str, endpoint_url: str | None = None) -> dict:
     """Reads a small JSON object (manifest, latest, scores) from s3:// or a local path."""
+    return json.loads(read_text(uri, endpoint_url))
+
+
+def read_text(uri: str, endpoint_url: str | None = None) -> str:
+    """Reads a small published document (JSON, the model card) from s3:// or a local path."""
     target = parse_target(uri)
     if target.is_s3:
         client = s3_client(endpoint_url)
         try:
-            return json.loads(client.get_object(Bucket=target.bucket, Key=target.prefix)["Body"].read())
+            return client.get_object(Bucket=target.bucket, Key=target.prefix)["Body"].read().decode()
         except ClientError as exc:
             if error_code(exc) in ("NoSuchKey", "404"):
                 raise FileNotFoundError(uri) from None
             raise s3_error(client, f"read of {uri}", exc, target.bucket) from exc
         except BotoCoreError as exc:
             raise s3_error(client, f"read of {uri}", exc, target.bucket) from exc
-    return json.loads(Path(target.path).read_text())
+    return Path(target.path).read_text()
 
 
 def read_manifest(run_uri: str, endpoint_url: str | None = None) -> dict:

@@ -9,6 +9,8 @@ from metamerge.engine.coefficients import Coefficients
 from metamerge.evaluation.gate import GateDecision
 from metamerge.evaluation.scores import ScoreTable
 from metamerge.methods.plan import MergePlan
+from metamerge.pipeline.card import model_card
+from metamerge.pipeline.tables import coefficient_lines, cosine_lines, input_lines
 from metamerge.recipe import Recipe
 from metamerge.refs import ResolvedModel
 
@@ -36,28 +38,15 @@ def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: C
                     stage_seconds: dict[str, float] | None = None, gate: GateDecision | None = None) -> str:
     lines = [f"# Merge report: {recipe.name}", "", f"Method: `{recipe.method.name}`"
              f" (granularity {coefficients.granularity}, scale {plan.scale}); {recipe.method.spec.reference}.",
-             "", "## Inputs", "",
-             "| role | ref | fingerprint |", "|---|---|---|"]
-    for i, model in enumerate(inputs):
-        role = "base" if i == 0 else f"fine-tune {recipe.finetunes[i - 1].label}"
-        lines.append(f"| {role} | `{model.ref}` | `{model.fingerprint[:16]}` |")
-    norms = merge_report.get("relative_norms") or {}
-    lines += ["", "## Coefficients (λ per fine-tune, model level)", "",
-              "‖τ‖/‖θ₀‖ is the task vector's norm relative to the base's (bound: merge.max_relative_norm "
-              f"{recipe.merge.max_relative_norm}).", "", "| fine-tune | λ | ‖τ‖/‖θ₀‖ |", "|---|---|---|"]
-    lines += [f"| {task} | {value:.4f} | {norms[task]:.4f} |" if task in norms else f"| {task} | {value:.4f} | - |"
-              for task, value in coefficients.model_level().items()]
+             "", "## Inputs", "", *input_lines(recipe, inputs),
+             "", "## Coefficients (λ per fine-tune, model level)", "", *coefficient_lines(recipe, coefficients, merge_report)]
     dropped = merge_report.get("dropped_rows") or {}
     if dropped:
         lines += ["", "## Vocabulary rows dropped (vocab: base)", "", "| fine-tune | tensor | rows dropped |",
                   "|---|---|---|"]
         lines += [f"| {label} | {tensor} | {rows} |" for label, tensors in dropped.items()
                   for tensor, rows in sorted(tensors.items())]
-    lines += ["", "## Cosine of task vectors", "", "MetaGPT assumes near-orthogonal task vectors (off-diagonal ≈ 0).", ""]
-    labels = merge_report["labels"]
-    lines += ["| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    for i, a in enumerate(labels):
-        lines.append(f"| {a} | " + " | ".join(f"{c:.3f}" for c in merge_report["cosine"][i]) + " |")
+    lines += ["", "## Cosine of task vectors", "", *cosine_lines(merge_report)]
     lines += ["", f"Merge: {merge_report['tensors']} tensors, {merge_report['bytes_written'] / 1e6:.1f} MB written "
               f"in {merge_report['seconds']:.2f} s on {merge_report['device']}."]
     if table is not None:
@@ -102,4 +91,5 @@ def run_documents(recipe: Recipe, inputs: list[ResolvedModel], coefficients: Coe
             {"rows": table.rows, "records": table.as_records(), "merged": table.merged_label}, indent=1)
     if report_data.get("candidates"):
         documents["candidates.json"] = json.dumps(report_data["candidates"], indent=1)
+    documents["README.md"] = model_card(recipe, inputs, coefficients, plan, report_data, table)
     return documents
