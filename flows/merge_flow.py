@@ -38,6 +38,7 @@ from metamerge_prefect.flows.scaleout import merge_by_shard, on_dask, run_on_das
 from metamerge_prefect.tasks.evaluate import evaluate_model
 from metamerge_prefect.tasks.extract import extract_task_vector
 from metamerge_prefect.tasks.gate import check_quality_gate
+from metamerge_prefect.tasks.history import record_history
 from metamerge_prefect.tasks.merge import merge_models
 from metamerge_prefect.tasks.payloads import coefficients_of
 from metamerge_prefect.tasks.publish import publish_model, publish_unless_intact
@@ -166,6 +167,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         create_link_artifact(key="published-manifest", link=published["manifest_uri"],
                              link_text=published["manifest_uri"], description="manifest of the published merge")
         logger.info("published %s", published["manifest_uri"])
+        record_history.with_options(**opts)(rec, published["manifest_uri"])
     report = report_markdown(rec, inputs, coefficients, plan, report_data, table,
                              published["manifest_uri"] if published else None, clock.seconds, gate)
     create_markdown_artifact(key="merge-report", markdown=report, description=f"merge report {rec.name}")

@@ -330,5 +330,29 @@ def inspect(run_uri: str = typer.Argument(..., help="s3://bucket/prefix/<model>/
         _fail(exc)
 
 
+@app.command()
+def history(name: str = typer.Argument(..., help="the model's name (the recipe's `name`)"),
+            target: str = typer.Option(..., help="the publish target: s3://bucket/prefix or a local folder"),
+            endpoint_url: str = typer.Option(None, help="S3 endpoint (default: AWS or $AWS_ENDPOINT_URL)")) -> None:
+    """Every published night of one model, from its manifests (no Prefect, no UI needed)."""
+    from metamerge.pipeline.history import history as read_history
+    from metamerge.pipeline.history import trend_lines
+
+    try:
+        rows = read_history(target, name, endpoint_url)
+    except MetamergeError as exc:
+        _fail(exc)
+    if not rows:
+        typer.echo(f"nothing published for {name} at {target}")
+        return
+    for row in rows:
+        lam = ", ".join(f"{k} {v:.3f}" for k, v in row["lambda"].items())
+        typer.echo(f"{row['run_id']}  {row['created']}  {row['method']}  avg_norm {_cell(row['normalized_average'])}  "
+                   f"λ {lam or '-'}  merged {row['merged']}")
+    typer.echo("\nnormalized average per night:")
+    for line in trend_lines(rows):
+        typer.echo("  " + line)
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())

@@ -48,6 +48,10 @@ def publish_key(_context: Any, params: dict[str, Any]) -> str:
                       sorted(params["documents"].items()), CODE_VERSION)
 
 
+def history_key(_context: Any, params: dict[str, Any]) -> str:
+    return short_hash("history", params["manifest_uri"], CODE_VERSION)
+
+
 def plan_shards_key(_context: Any, params: dict[str, Any]) -> str:
     merge = params["recipe"].merge
     return short_hash("plan-shards", params["base"].fingerprint, merge.dtype, merge.shard_size_mb, CODE_VERSION)

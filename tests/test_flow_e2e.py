@@ -68,6 +68,16 @@ def test_metagpt_flow_publishes_a_verified_merge_that_keeps_the_dominant_skill(z
     assert shown.exit_code == 0, shown.output
     assert "model card (README.md):" in shown.output and "# zoo-metagpt" in shown.output
 
+    # the nightly history: a keyed table artifact whose latest version lists this night
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        tables = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["nightly-history-zoo-metagpt"])))
+    assert tables and all(a.type == "table" for a in tables)
+    assert summary["run_id"] in json.dumps(tables[-1].data)
+
     # λ are the paper's closed form on the zoo's own task vectors (independent recomputation)
     base = load_file(str(zoo.base / "model.safetensors"))
     norms = {}
