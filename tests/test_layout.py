@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,10 @@ import pytest
 from metamerge.methods.registry import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
-# installed name -> folder (pyproject.toml's package-dir)
-PACKAGES = {"metamerge": ROOT / "metamerge", "metamerge_prefect": ROOT / "metamerge_prefect",
-            "metamerge_prefect.tasks": ROOT / "tasks", "metamerge_prefect.flows": ROOT / "flows",
-            "metamerge_prefect.deployments": ROOT / "deployments"}
+# installed name -> folder: the top-level packages, and pyproject.toml's package-dir mapping
+_SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+PACKAGES = {name: ROOT / name for name in _SETUPTOOLS["packages"] if "." not in name}
+PACKAGES |= {name: ROOT / folder for name, folder in _SETUPTOOLS["package-dir"].items()}
 CORE_MAX_LINES = 300
 
 

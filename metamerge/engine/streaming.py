@@ -105,7 +105,8 @@ def _merge_piece(
     _require_finite(gram, base_sq, labels, name, base_label)
     sparsify_(taus, plan, labels, seed_name or name, part, row_length=shape[-1] if len(shape) > 1 else None)
     # Iso-C leaves vocabulary tables (embeddings, LM head) as a mean: their rows are tokens, not a map
-    matrix = (shape[0], shape[1]) if len(shape) == 2 and not is_vocab_tensor(name) else None
+    spectral = plan.spectral != "none" and len(shape) == 2 and not is_vocab_tensor(name)
+    matrix = (shape[0], shape[1]) if spectral else None
     delta = combine(taus, weights, plan, out=out, matrix_shape=matrix)
     return delta.add_(base), gram, base_sq
 

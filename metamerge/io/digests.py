@@ -29,6 +29,8 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
 class DigestCache:
     """Remembers file digests by (absolute path, size, mtime_ns) across processes."""
 
+    FILE = "digests.json"
+
     def __init__(self, path: Path | None):
         self.path = path
         self._entries: dict[str, str] = {}
@@ -37,6 +39,11 @@ class DigestCache:
                 self._entries = json.loads(path.read_text())
             except (OSError, ValueError):
                 self._entries = {}
+
+    @classmethod
+    def in_folder(cls, folder: Path | None) -> DigestCache:
+        """The sidecar a workdir (or cache folder) keeps; None: remember nothing."""
+        return cls(Path(folder) / cls.FILE if folder is not None else None)
 
     def digest(self, file: Path) -> str:
         stat = file.stat()

@@ -12,7 +12,7 @@ from metamerge.refs import ResolvedModel, resolve_ref
 
 
 def digest_cache(workdir: Path) -> DigestCache:
-    return DigestCache(Path(workdir) / "digests.json")
+    return DigestCache.in_folder(workdir)
 
 
 def resolve(ref: str, workdir: Path, endpoint_url: str | None = None) -> ResolvedModel:

@@ -22,4 +22,4 @@ def resolve_local(ref: str, cache: DigestCache | None = None) -> ResolvedModel:
 
 def resolve(ref: str, cache_dir: Path | None = None, endpoint_url: str | None = None) -> ResolvedModel:
     """The scheme table's entry: file digests are remembered in `<cache_dir>/digests.json`."""
-    return resolve_local(ref, DigestCache(cache_dir / "digests.json" if cache_dir else None))
+    return resolve_local(ref, DigestCache.in_folder(cache_dir))
