@@ -70,13 +70,15 @@ def test_metagpt_flow_publishes_a_verified_merge_that_keeps_the_dominant_skill(z
 
     # the nightly history: a keyed table artifact whose latest version lists this night
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+    # other tests publish the same model name into other buckets on this server: take this run's version
     with get_client(sync_client=True) as prefect:
         tables = prefect.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["nightly-history-zoo-metagpt"])))
-    assert tables and all(a.type == "table" for a in tables)
-    assert summary["run_id"] in json.dumps(tables[-1].data)
+            key=ArtifactFilterKey(any_=["nightly-history-zoo-metagpt"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[summary["flow_run_id"]])))
+    assert len(tables) == 1 and tables[0].type == "table"
+    assert summary["run_id"] in json.dumps(tables[0].data)
 
     # λ are the paper's closed form on the zoo's own task vectors (independent recomputation)
     base = load_file(str(zoo.base / "model.safetensors"))
