@@ -15,6 +15,7 @@ from prefect import serve
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.schedules import Cron, Interval
 
+from metamerge_prefect.deployments.operations import apply_operations
 from metamerge_prefect.flows.merge_flow import merge_flow
 from metamerge_prefect.flows.watch_flow import EVENT, watch_flow
 
@@ -35,5 +36,8 @@ def build_deployments(recipe: str, registry: str, timezone: str = "UTC", cron: s
 
 
 if __name__ == "__main__":
+    # the same concurrency limits and alerts as `prefect deploy` creates (deployments/operations.yaml)
+    apply_operations(webhook_url=os.environ.get("METAMERGE_ALERT_WEBHOOK"),
+                     missed_night_within=os.environ.get("METAMERGE_MISSED_NIGHT_WINDOW"))
     serve(*build_deployments(os.environ["METAMERGE_RECIPE"], os.environ["METAMERGE_REGISTRY"],
                              os.environ.get("METAMERGE_TIMEZONE", "UTC")))

@@ -33,8 +33,10 @@ from metamerge.pipeline.merge import merge_available
 from metamerge.pipeline.preflight import preflight
 from metamerge.pipeline.report import cosine_records, report_inputs, report_markdown, run_documents
 from metamerge.recipe import load_any
+from metamerge_prefect.flows.alerts import alert_on_failure
 from metamerge_prefect.flows.best_of import best_of
 from metamerge_prefect.flows.scaleout import merge_by_shard, on_dask, run_on_dask
+from metamerge_prefect.tasks.assets import register_published_asset
 from metamerge_prefect.tasks.evaluate import evaluate_model
 from metamerge_prefect.tasks.extract import extract_task_vector
 from metamerge_prefect.tasks.gate import check_quality_gate
@@ -44,10 +46,11 @@ from metamerge_prefect.tasks.payloads import coefficients_of
 from metamerge_prefect.tasks.publish import publish_model, publish_unless_intact
 from metamerge_prefect.tasks.resolve import resolve_model
 from metamerge_prefect.tasks.result_storage import result_storage_for
+from metamerge_prefect.tasks.slots import EVAL_SLOTS, MERGE_SLOTS, stage_slot
 from metamerge_prefect.tasks.solve import solve_coefficients
 
 
-@flow(name="metagpt-merge", log_prints=True)
+@flow(name="metagpt-merge", log_prints=True, on_failure=[alert_on_failure])
 def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
                finetune_refs: list[str] | None = None, candidates: list[dict] | None = None) -> dict[str, Any]:
     """`finetune_refs` (from a `model.finetune.discovered` event) extends the recipe's fine-tunes;
@@ -94,9 +97,9 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
             for ft, label in zip(finetunes, labels, strict=True)
         ]
         stats_files = [f.result() for f in stats_futures]
-    stats = load_stats(stats_files, store)
-    norms = check_task_vectors(rec, stats)  # fails naming a "fine-tune" that is no fine-tune of the base
-    dropped = dropped_vocab_rows(stats)
+        stats = load_stats(stats_files, store)
+        norms = check_task_vectors(rec, stats)  # fails naming a "fine-tune" that is no fine-tune of the base
+        dropped = dropped_vocab_rows(stats)
     logger.info("‖τ‖/‖θ₀‖: %s", {k: round(v, 4) for k, v in norms.items()})
     for line in vocab_summary(dropped):
         logger.warning(line)
@@ -105,8 +108,8 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     coefficients = coefficients_of(solved)
     logger.info("λ: %s", {k: round(v, 4) for k, v in coefficients.model_level().items()})
 
-    with clock.stage("merge"):
-        refresh = not merge_available(rec, base, finetunes, coefficients)
+    refresh = not merge_available(rec, base, finetunes, coefficients)
+    with clock.stage("merge"), stage_slot(MERGE_SLOTS, needed=refresh):  # one merge per GPU across runs
         if dask:  # one task per output shard, spread over the workers; then a small finalize task
             merged = merge_by_shard(rec, base, finetunes, solved, opts, refresh=refresh)
         else:
@@ -129,13 +132,15 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
                     for i, (label, path, fingerprint, tasks, ref) in enumerate(models) for task in tasks]
             scores: list[dict] = [{} for _ in models]  # by position: a fine-tune may be called "base"
             if dask:  # all at once, one worker each
-                futures = [(i, evaluate_task.submit(label, path, fp, spec, workdir, ref, store))
-                           for i, label, path, fp, spec, ref in jobs]
-                for i, future in futures:
-                    scores[i].update(future.result())
-            else:  # one after the other, with the CLI's progress
+                with stage_slot(EVAL_SLOTS):
+                    futures = [(i, evaluate_task.submit(label, path, fp, spec, workdir, ref, store))
+                               for i, label, path, fp, spec, ref in jobs]
+                    for i, future in futures:
+                        scores[i].update(future.result())
+            else:  # one after the other, with the CLI's progress; a slot per evaluation
                 for done, (i, label, path, fp, spec, _ref) in enumerate(jobs, start=1):
-                    scores[i].update(evaluate_task(label, path, fp, spec, workdir))
+                    with stage_slot(EVAL_SLOTS):
+                        scores[i].update(evaluate_task(label, path, fp, spec, workdir))
                     progress.advance("evaluate", done, len(jobs))
         table = score_table(rec, scores[0], {ft.label: scores[i] for i, ft in enumerate(rec.finetunes, start=1)},
                             scores[-1])
@@ -164,10 +169,15 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         with clock.stage("publish"):
             published = publish_unless_intact(publish_task, rec, merged, run_id, asked_run_id, documents,
                                               normalized_average)
-        create_link_artifact(key="published-manifest", link=published["manifest_uri"],
-                             link_text=published["manifest_uri"], description="manifest of the published merge")
-        logger.info("published %s", published["manifest_uri"])
-        record_history.with_options(**opts)(rec, published["manifest_uri"])
+            create_link_artifact(key="published-manifest", link=published["manifest_uri"],
+                                 link_text=published["manifest_uri"], description="manifest of the published merge")
+            logger.info("published %s", published["manifest_uri"])
+            record_history.with_options(**opts)(rec, published["manifest_uri"])
+            register_published_asset(published, rec.name, rec.method.name, base, dict(zip(labels, finetunes, strict=True)),
+                                     {"run_id": published["run_uri"].rsplit("/", 1)[-1], "flow_run_id": str(flow_run.id),
+                                      "lambda": coefficients.model_level(), "normalized_average": normalized_average,
+                                      "manifest": published["manifest_uri"], "merged_sha256": merged.fingerprint},
+                                     **opts)
     report = report_markdown(rec, inputs, coefficients, plan, report_data, table,
                              published["manifest_uri"] if published else None, clock.seconds, gate)
     create_markdown_artifact(key="merge-report", markdown=report, description=f"merge report {rec.name}")

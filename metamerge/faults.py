@@ -5,6 +5,8 @@ METAMERGE_TEST_HANG_AT=merge|merge-shard|upload and METAMERGE_TEST_HANG_MARKER=<
 writes its pid to the marker at that point and stops there until killed, so the kill lands
 deterministically. With METAMERGE_TEST_HANG_ONCE=1 only the first process to arrive hangs
 (a Dask worker killed there has its task re-run on another worker, which must pass).
+METAMERGE_TEST_PAUSE_AT=<point> with METAMERGE_TEST_PAUSE_S=<seconds> only slows that point
+down, so that a tiny merge lasts long enough for two runs to contend for one concurrency slot.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 
 
 def hang_point(name: str) -> None:
+    if os.environ.get("METAMERGE_TEST_PAUSE_AT") == name:
+        time.sleep(float(os.environ.get("METAMERGE_TEST_PAUSE_S", "3")))
     if os.environ.get("METAMERGE_TEST_HANG_AT") != name:
         return
     marker = os.environ.get("METAMERGE_TEST_HANG_MARKER")

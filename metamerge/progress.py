@@ -90,7 +90,20 @@ class StageClock:
         _view.started(label, name)
         try:
             yield
+        except BaseException as exc:
+            if stage_of(exc) is None:  # the innermost stage is where it failed
+                exc.metamerge_stage = name  # type: ignore[attr-defined]
+            raise
         finally:
             elapsed = time.monotonic() - started
             self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 3)
             _view.finished(label, name, elapsed)
+
+
+def stage_of(exc: BaseException) -> str | None:
+    """The stage an exception escaped from, for an alert that says where a run failed.
+
+    Carried on the exception itself (pickled with it), so a subflow's failure names its stage
+    to the parent flow that re-raises it.
+    """
+    return getattr(exc, "metamerge_stage", None)

@@ -52,6 +52,11 @@ def history_key(_context: Any, params: dict[str, Any]) -> str:
     return short_hash("history", params["manifest_uri"], CODE_VERSION)
 
 
+def asset_key(_context: Any, params: dict[str, Any]) -> str:
+    """One materialization per publish: a night that published nothing new is Cached and emits nothing."""
+    return short_hash("asset", params["published"]["manifest_uri"], CODE_VERSION)
+
+
 def plan_shards_key(_context: Any, params: dict[str, Any]) -> str:
     merge = params["recipe"].merge
     return short_hash("plan-shards", params["base"].fingerprint, merge.dtype, merge.shard_size_mb, CODE_VERSION)

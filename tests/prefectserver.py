@@ -93,3 +93,46 @@ def using_api(api_url: str) -> Iterator[None]:
             EventsWorker.drain_all()
     finally:
         EventsWorker.drain_all()
+
+
+def events(api: str, names: list[str], resource_ids: list[str] | None = None) -> list[dict]:
+    """Events of these names (last day) from the server's event log, through its REST API."""
+    import json
+
+    body: dict = {"filter": {"event": {"name": names}}, "limit": 50}  # the most one page holds
+    if resource_ids:
+        body["filter"]["resource"] = {"id": resource_ids}
+    request = urllib.request.Request(f"{api}/events/filter", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["events"]
+
+
+def browse(url: str, profile: Path, screenshot: Path | None = None) -> str | None:
+    """The DOM headless Chromium renders for `url` (None without Chromium: `make browser`).
+
+    With `screenshot`, also saves the page as a PNG; a failed screenshot is a warning, since
+    the DOM is what tests assert on and the picture is documentation.
+    """
+    import shutil
+    import warnings
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        warnings.warn("chromium is not installed: the Prefect UI was not checked (make browser)", stacklevel=2)
+        return None
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--window-size=1400,1000"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    if screenshot is not None:
+        taken = subprocess.run([chromium, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+        if taken.returncode != 0 or not screenshot.exists() or screenshot.stat().st_size < 10_000:
+            warnings.warn(f"no usable screenshot of {url}: {taken.stderr[-500:]!r}", stacklevel=2)
+    return dom
+
+
+def screenshot_folder(tmp_path: Path) -> Path:
+    """docs/img with METAMERGE_UPDATE_SCREENSHOT=1 (to refresh the docs' pictures), else tmp_path."""
+    repo = Path(__file__).resolve().parent.parent
+    return repo / "docs" / "img" if os.environ.get("METAMERGE_UPDATE_SCREENSHOT") == "1" else tmp_path

@@ -9,7 +9,6 @@ saves the README's screenshot). `deployments/serve.py`, the one-process setup, g
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from datetime import timedelta
@@ -22,7 +21,8 @@ import yaml
 from metamerge.io.manifests import latest_manifest
 from metamerge.io.s3 import s3_client
 from tests.flowtools import REPO, zoo_recipe
-from tests.prefectserver import BIN, running_prefect_server
+from tests.prefectserver import BIN, browse, running_prefect_server, screenshot_folder
+from tests.prefectserver import events as _events
 from tests.prefectserver import wait_for as _wait
 
 pytestmark = pytest.mark.slow
@@ -147,47 +147,21 @@ def test_watch_event_triggers_a_merge_and_the_ui_shows_it(zoo, s3_endpoint, buck
     _ui_check(prefect_server["url"], run.id, tmp_path)
 
 
-def _events(api: str, names: list[str], resource_ids: list[str] | None = None) -> list[dict]:
-    """Events of these names (last day) from the server's event log, through its REST API."""
-    import urllib.request
-
-    body: dict = {"filter": {"event": {"name": names}}, "limit": 50}  # the most one page holds
-    if resource_ids:
-        body["filter"]["resource"] = {"id": resource_ids}
-    request = urllib.request.Request(f"{api}/events/filter", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())["events"]
-
-
 def _ui_check(ui: str, flow_run_id, tmp_path: Path) -> None:
     """Headless Chromium renders the run and the artifacts pages (asserted); the screenshot is a by-product.
 
     No Chromium here (`make browser` installs it): a warning, not a skip, since the pipeline checks
     above passed. The screenshot goes to tmp_path, or to docs/img with METAMERGE_UPDATE_SCREENSHOT=1.
     """
-    import warnings
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        warnings.warn("chromium is not installed: the Prefect UI was not checked (make browser)", stacklevel=2)
-        return
     url = f"{ui}/runs/flow-run/{flow_run_id}"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=20000", "--window-size=1400,1000"]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    dom = browse(url, tmp_path / "chromium", screenshot_folder(tmp_path) / "merge-flow-run.png")
+    if dom is None:
+        return
     assert "metagpt-merge" in dom and "nightly" in dom and "Completed" in dom, dom[:2000]
     # the run page draws its artifacts on a canvas; the artifacts page lists them as text
-    artifacts_page = subprocess.run([chromium, *flags, "--dump-dom", f"{ui}/artifacts"], capture_output=True,
-                                    text=True, timeout=120).stdout
+    artifacts_page = browse(f"{ui}/artifacts", tmp_path / "chromium")
     for key in ("merge-coefficients", "task-vector-cosine", "merge-scores", "merge-report"):
         assert key in artifacts_page, key
-    update = os.environ.get("METAMERGE_UPDATE_SCREENSHOT") == "1"
-    shot = (REPO / "docs" / "img" if update else tmp_path) / "merge-flow-run.png"
-    taken = subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
-    if taken.returncode != 0 or not shot.exists() or shot.stat().st_size < 10_000:
-        warnings.warn(f"no usable screenshot of {url}: {taken.stderr[-500:]!r}", stacklevel=2)
 
 
 def test_serve_py_runs_the_schedule_watch_and_trigger_in_one_process(tmp_path, prefect_server):

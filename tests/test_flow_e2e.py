@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,24 @@ def test_metagpt_flow_publishes_a_verified_merge_that_keeps_the_dominant_skill(z
             flow_run_id=ArtifactFilterFlowRunId(any_=[summary["flow_run_id"]])))
     assert len(tables) == 1 and tables[0].type == "table"
     assert summary["run_id"] in json.dumps(tables[0].data)
+
+    # the publish is a Prefect asset: the base and every fine-tune upstream, λ and avg_norm in its event
+    from prefect.settings import PREFECT_API_URL
+
+    from metamerge_prefect.tasks.assets import asset_uri
+    from tests.prefectserver import events, wait_for
+
+    run_uri = summary["published"]["run_uri"]
+    assert run_uri == f"s3://{bucket}/{run_prefix}" and asset_uri(run_uri) == run_uri
+    made = wait_for(lambda: events(PREFECT_API_URL.value(), ["prefect.asset.materialization.succeeded"], [run_uri]),
+                    30, "the asset materialization event")
+    assert len(made) == 1
+    upstream = {r["prefect.resource.id"]: r for r in made[0]["related"] if r["prefect.resource.role"] == "asset"}
+    assert set(upstream) == {asset_uri(str(zoo.base))} | {asset_uri(str(p)) for p in zoo.finetunes.values()}
+    assert asset_uri(str(zoo.base)) == "file://" + str(Path(zoo.base).resolve())
+    payload = made[0]["payload"]
+    assert payload["lambda"] == summary["coefficients"] and payload["run_id"] == summary["run_id"]
+    assert payload["normalized_average"] == summary["normalized_average"] and payload["flow_run_id"] == summary["flow_run_id"]
 
     # λ are the paper's closed form on the zoo's own task vectors (independent recomputation)
     base = load_file(str(zoo.base / "model.safetensors"))
