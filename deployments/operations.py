@@ -40,6 +40,14 @@ def parse_duration(text: str | int | float) -> timedelta:
     return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
 
 
+def _duration_text(span: timedelta) -> str:
+    seconds = span.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} s"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -123,17 +131,17 @@ def automations(ops: Operations, block_id: Any) -> list[AutomationCore]:
     missed = ops.alerts.missed_night
     if missed is not None:
         flow_name, deployment = missed.deployment.split("/")
-        hours = round(missed.within.total_seconds() / 3600, 3)
+        window = _duration_text(missed.within)
         found.append(AutomationCore(
             name=AUTOMATION_PREFIX + f"missed night ({missed.deployment})",
-            description=f"no completed run of {missed.deployment} within {hours} h",
+            description=f"no completed run of {missed.deployment} within {window}",
             trigger=EventTrigger(
                 expect={"prefect.flow-run.Completed"}, match={"prefect.resource.id": "prefect.flow-run.*"},
                 match_related=[{"prefect.resource.role": "flow", "prefect.resource.name": flow_name},
                                {"prefect.resource.role": "deployment", "prefect.resource.name": deployment}],
                 posture=Posture.Proactive, threshold=1, within=missed.within),
-            actions=notify(f"metamerge: no completed run of {missed.deployment} in the last {hours} h",
-                           f"The nightly merge {missed.deployment} has not completed a run within {hours} h: "
+            actions=notify(f"metamerge: no completed run of {missed.deployment} in the last {window}",
+                           f"The nightly merge {missed.deployment} has not completed a run within {window}: "
                            "check its schedule, its work pool and its worker.")))
     return found
 
@@ -141,7 +149,7 @@ def automations(ops: Operations, block_id: Any) -> list[AutomationCore]:
 def notification_block_id(notifications: Notifications) -> Any | None:
     """The block alerts go through: saved from the webhook URL, or the named one; None if there is none."""
     if notifications.webhook_url:
-        block = CustomWebhookNotificationBlock(url=notifications.webhook_url,
+        block = CustomWebhookNotificationBlock(name="metamerge", url=notifications.webhook_url,
                                                json_data={"subject": "{{subject}}", "body": "{{body}}"})
         return block.save(notifications.block.split("/", 1)[1], overwrite=True)
     try:
