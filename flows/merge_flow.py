@@ -128,7 +128,8 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
             models += [(ft.label, str(m.path), m.fingerprint, list(ft.tasks), m.ref)
                        for ft, m in zip(rec.finetunes, finetunes, strict=True)]
             models += [("merged", merged.path, merged.fingerprint, all_tasks, None)]
-            jobs = [(i, label, path, fingerprint, eval_spec(rec, (task,)), ref)
+            resolved = [base, *finetunes, None]  # a LoRA fine-tune is scored on the base
+            jobs = [(i, label, path, fingerprint, eval_spec(rec, (task,), resolved[i], base), ref)
                     for i, (label, path, fingerprint, tasks, ref) in enumerate(models) for task in tasks]
             scores: list[dict] = [{} for _ in models]  # by position: a fine-tune may be called "base"
             if dask:  # all at once, one worker each

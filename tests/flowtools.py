@@ -78,7 +78,7 @@ def expected_task_names(recipe: dict) -> set[str]:
     if rec.gate is not None:
         names.add("quality gate")
     if rec.publish is not None:
-        names |= {"publish", "nightly history"}
+        names |= {"publish", "nightly history", "register asset"}
     return names
 
 

@@ -34,14 +34,14 @@ def one_example(zoo, task: str) -> float:
     return 1.0 / len(task_rows(zoo, task)) + 1e-9
 
 
-def merged_state(zoo, coefficients: dict[str, float]) -> dict:
-    """θ₀ + Σ λ_t (θ_t − θ₀) in float64, from the zoo's files."""
+def merged_state(zoo, coefficients: dict[str, float], folders: dict[str, Path] | None = None) -> dict:
+    """θ₀ + Σ λ_t (θ_t − θ₀) in float64, from the zoo's files (or `folders`: other full fine-tunes)."""
     from safetensors.torch import load_file
 
     base = load_file(str(Path(zoo.base) / "model.safetensors"))
     merged = {k: v.double() for k, v in base.items()}
     for label, lam in coefficients.items():
-        ft = load_file(str(Path(zoo.finetunes[label]) / "model.safetensors"))
+        ft = load_file(str(Path((folders or zoo.finetunes)[label]) / "model.safetensors"))
         for key in merged:
             merged[key] += lam * (ft[key].double() - base[key].double())
     return {k: v.to(base[k].dtype) for k, v in merged.items()}

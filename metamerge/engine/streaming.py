@@ -20,6 +20,7 @@ from metamerge.engine import checkpoint
 from metamerge.engine.checkpoint import CheckpointReader, TensorInfo, row_chunks
 from metamerge.engine.coefficients import Coefficients
 from metamerge.engine.compat import Alignment, align, aligned_rows, is_vocab_tensor, tied_aliases
+from metamerge.engine.lora import open_finetune
 from metamerge.engine.writer import (
     ShardedWriter,
 )
@@ -156,7 +157,7 @@ class MergeJob:
         self.device = resolve_device(device)
         self.base = CheckpointReader(base_dir, label="base")
         self.base_label = f"base {Path(base_dir)}"
-        readers = [CheckpointReader(path, label=label) for label, path in finetunes]
+        readers = [open_finetune(base_dir, path, label) for label, path in finetunes]
         self.pairs = [(reader, align(self.base, reader, vocab)) for reader in readers]
         self.labels = [label for label, _ in finetunes]
         # vocabulary rows (added tokens) that `vocab: base` leaves out, per fine-tune and tensor

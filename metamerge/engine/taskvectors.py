@@ -17,6 +17,7 @@ import torch
 from metamerge.engine import checkpoint
 from metamerge.engine.checkpoint import CheckpointReader, row_chunks
 from metamerge.engine.compat import align, aligned_rows, tied_aliases
+from metamerge.engine.lora import LoraReader, open_finetune
 from metamerge.errors import CheckpointError
 from metamerge.methods.kernels import chunked, sq_norm_after_sparsify
 from metamerge.methods.plan import MergePlan
@@ -77,7 +78,9 @@ def extract_stats(
     """
     plan = plan or MergePlan()
     base = CheckpointReader(base_dir, label="base")
-    finetune = CheckpointReader(finetune_dir, label=label)
+    finetune = open_finetune(base_dir, finetune_dir, label)
+    if isinstance(finetune, LoraReader) and plan.sparsify == "none":
+        return _adapter_stats(base_dir, base, finetune, label)
     alignment = align(base, finetune, vocab)
     sq_norms: dict[str, float] = {}
     numel = changed = 0
@@ -118,3 +121,55 @@ def _read_f32(reader: CheckpointReader, name: str, rows: tuple[int, int] | None,
     if n > buffer.numel():
         return reader.read(name, rows=rows).reshape(-1).to(torch.float32)
     return reader.read_f32_into(name, buffer[:n], rows)
+
+
+def _adapter_stats(base_dir: Path, base: CheckpointReader, finetune: LoraReader, label: str) -> TaskVectorStats:
+    """‖τ‖² of an adapter from r×r products; only `modules_to_save` tensors are read whole.
+
+    ‖θ₀‖² (for the relative norm) is read once per base and process, so extracting several
+    adapters of one base costs one base read plus the adapters' own bytes.
+    """
+    adapter = finetune.adapter
+    base_norms = base_sq_norms(Path(base_dir))
+    sq_norms: dict[str, float] = {}
+    numel = changed = 0
+    for name in base.names:
+        info = base.info(name)
+        if not info.is_float:
+            continue
+        if name in adapter.modules:
+            value = adapter.sq_norm(name)
+        elif name in adapter.full:
+            tau = adapter.full_tensor(name).to(torch.float64) - base.read(name).to(torch.float64)
+            value = float(torch.sum(tau * tau))
+        else:
+            value = 0.0
+        if not math.isfinite(value):
+            raise CheckpointError(f"fine-tune {label!r}: tensor {name!r} contains NaN or Inf")
+        sq_norms[name] = value
+        numel += math.prod(info.shape)
+        changed += value > 0
+    total = sum(sq_norms.values())
+    return TaskVectorStats(label=label, sq_norms=sq_norms, numel=numel, changed_tensors=changed,
+                           base_sq_norm=sum(base_norms.values()), raw_sq_norm=total)
+
+
+_BASE_NORMS: dict[tuple, dict[str, float]] = {}
+
+
+def base_sq_norms(base_dir: Path) -> dict[str, float]:
+    """‖θ₀‖² per float tensor, remembered per base folder and file state (size, mtime) in this process."""
+    files = sorted(base_dir.glob("*.safetensors"))
+    key = (str(base_dir.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _BASE_NORMS:
+        base = CheckpointReader(base_dir, label="base")
+        norms = {}
+        for name in base.names:
+            if base.info(name).is_float:
+                value = float(torch.linalg.vector_norm(base.read(name), dtype=torch.float64)) ** 2
+                if not math.isfinite(value):
+                    raise CheckpointError(f"base {base_dir}: tensor {name!r} contains NaN or Inf")
+                norms[name] = value
+        base.close()
+        _BASE_NORMS[key] = norms
+    return _BASE_NORMS[key]

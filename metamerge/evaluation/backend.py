@@ -20,6 +20,8 @@ class EvalSpec:
     limit: int | None = None
     batch_size: int = 16
     device: str = "cpu"
+    # a LoRA adapter is scored on its base: (base folder, base fingerprint); None for full checkpoints
+    adapter_base: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)

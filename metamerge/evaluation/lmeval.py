@@ -34,6 +34,13 @@ def primary_metric(task_result: Mapping[str, object]) -> tuple[str, float]:
     raise EvaluationError(f"lm-eval returned no numeric metric: {sorted(task_result)}")
 
 
+def _model_args(model_dir: Path, spec: EvalSpec) -> dict[str, str]:
+    """A full checkpoint is `pretrained`; a LoRA adapter is lm-eval's `peft` on its base."""
+    if spec.adapter_base is not None:
+        return {"pretrained": spec.adapter_base[0], "peft": str(model_dir), "dtype": "float32", "device": spec.device}
+    return {"pretrained": str(model_dir), "dtype": "float32", "device": spec.device}
+
+
 def lm_eval_scores(model_dir: Path, spec: EvalSpec) -> Scores:
     """Runs lm-eval offline on a local checkpoint; returns {task: {"score", "metric"}}."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,7 +56,7 @@ def lm_eval_scores(model_dir: Path, spec: EvalSpec) -> Scores:
     try:
         output = lm_eval.simple_evaluate(
             model="hf",
-            model_args={"pretrained": str(model_dir), "dtype": "float32", "device": spec.device},
+            model_args=_model_args(model_dir, spec),
             tasks=list(spec.tasks),
             task_manager=manager,
             batch_size=spec.batch_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from metamerge.engine.lora import is_adapter
 from metamerge.errors import writing
 from metamerge.evaluation.backend import EvalBackend, EvalSpec
 from metamerge.evaluation.lmeval import LM_EVAL
@@ -20,11 +21,15 @@ from metamerge.refs import ResolvedModel
 EVALUATION: EvalBackend = LM_EVAL
 
 
-def eval_spec(recipe: Recipe, tasks: tuple[str, ...]) -> EvalSpec:
+def eval_spec(recipe: Recipe, tasks: tuple[str, ...], model: ResolvedModel | None = None,
+              base: ResolvedModel | None = None) -> EvalSpec:
+    """The evaluation of `tasks`; a LoRA adapter (`model`) is scored on top of `base`."""
     ev = recipe.evaluation
     assert ev is not None
+    adapter_base = (str(base.path), base.fingerprint) if model is not None and base is not None and \
+        is_adapter(model.path) else None
     return EvalSpec(tasks=tasks, tasks_dir=Path(ev.tasks_dir) if ev.tasks_dir else None,
-                    limit=ev.limit, batch_size=ev.batch_size, device=ev.device)
+                    limit=ev.limit, batch_size=ev.batch_size, device=ev.device, adapter_base=adapter_base)
 
 
 def evaluate(model_path: str, model_fingerprint: str, spec: EvalSpec, workdir: Path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from metamerge.engine.lora import check_adapter_base
 from metamerge.engine.taskvectors import TaskVectorStats, check_relative_norms, extract_stats
 from metamerge.errors import writing
 from metamerge.io.atomic import write_atomic
@@ -27,6 +28,7 @@ def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: Merg
     if not out.exists():
         if store is not None:
             base, finetune = local_model(base, store), local_model(finetune, store)
+        check_adapter_base(finetune.path, label, base.ref, base.path)
         stats = extract_stats(base.path, finetune.path, label, plan if plan.needs_norms else MergePlan(), vocab)
         with writing(out):
             out.parent.mkdir(parents=True, exist_ok=True)

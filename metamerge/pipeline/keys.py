@@ -73,6 +73,8 @@ def shard_dir(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel
 def task_spec_hash(spec: EvalSpec) -> str:
     """Hash of the task definitions themselves (YAML and data), not just their names."""
     digest = hashlib.sha256(json.dumps([spec.tasks, spec.limit], default=str).encode())
+    if spec.adapter_base is not None:  # an adapter's score depends on the base it is applied to
+        digest.update(b"adapter-on:" + spec.adapter_base[1].encode())
     if spec.tasks_dir is not None:
         for file in sorted(Path(spec.tasks_dir).rglob("*")):
             if file.is_file():
