@@ -153,3 +153,27 @@ def test_an_adapter_of_another_base_is_refused_where_that_can_be_told(zoo, adapt
         check_adapter_base(hub, "ft", "hf://org/base-model", zoo.base)
     check_adapter_base(hub, "ft", "hf://org/other-model@main", zoo.base)
     check_adapter_base(hub, "ft", str(zoo.base), zoo.base)  # a hub name against a local base: cannot tell
+
+
+def test_adapters_resolve_through_s3_and_hf_refs(zoo, adapters, tmp_path, s3_endpoint, bucket, monkeypatch):
+    """An adapter folder on S3 or in a Hugging Face cache is a fine-tune like a local one."""
+    from metamerge import refs
+    from tests.test_remote_refs import _hf_cache, _upload
+
+    made, _ = adapters
+    local = extract_stats(zoo.base, made["c"], "c")
+    _upload(made["c"], s3_endpoint, bucket, "adapters/c")
+    on_s3 = refs.resolve_ref(f"s3://{bucket}/adapters/c", tmp_path / "cache", s3_endpoint)
+    assert extract_stats(zoo.base, on_s3.path, "c").sq_norms == local.sq_norms
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    cache = tmp_path / "hf"
+    _hf_cache(cache, "acme/lora-c", commit, made["c"])
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    on_hub = refs.resolve_ref("hf://acme/lora-c@main", tmp_path / "w")
+    assert (on_hub.path / "adapter_config.json").exists()
+    assert extract_stats(zoo.base, on_hub.path, "c").sq_norms == local.sq_norms

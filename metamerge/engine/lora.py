@@ -203,6 +203,17 @@ class LoraReader:
         out.copy_(self.read(name, rows=rows).reshape(-1))
         return out
 
+    def read_f32_onto(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None, base_f32: torch.Tensor) -> None:
+        """Fills `out` with the fine-tune's piece given the base's (already read): no second base read."""
+        if name in self.adapter.full:
+            out.copy_(self.adapter.full_tensor(name, rows).reshape(-1))
+        elif name in self.adapter.modules:
+            dtype = self.base.info(name).dtype
+            merged = base_f32 + self.adapter.delta(name, rows).reshape(-1)
+            out.copy_(merged if dtype == torch.float32 else merged.to(dtype))  # as merge_and_unload() stores it
+        else:
+            out.copy_(base_f32)
+
     def close(self) -> None:
         self.base.close()
 

@@ -20,7 +20,7 @@ from metamerge.engine import checkpoint
 from metamerge.engine.checkpoint import CheckpointReader, TensorInfo, row_chunks
 from metamerge.engine.coefficients import Coefficients
 from metamerge.engine.compat import Alignment, align, aligned_rows, is_vocab_tensor, tied_aliases
-from metamerge.engine.lora import open_finetune
+from metamerge.engine.lora import LoraReader, open_finetune
 from metamerge.engine.writer import (
     ShardedWriter,
 )
@@ -84,7 +84,10 @@ class _Inputs:
             stacked = torch.empty((len(self.finetunes) + 1, n), dtype=torch.float32, pin_memory=pin)
         sources = [(self.base, rows)] + [(r, aligned_rows(a, name, rows)) for r, a in self.finetunes]
         for row, (reader, piece_rows) in zip(stacked, sources, strict=True):
-            reader.read_f32_into(name, row, piece_rows)
+            if isinstance(reader, LoraReader):  # base + s·B·A from the base row already read
+                reader.read_f32_onto(name, row, piece_rows, stacked[0])
+            else:
+                reader.read_f32_into(name, row, piece_rows)
         return stacked.to(self.device) if pin else stacked
 
 
