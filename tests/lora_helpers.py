@@ -26,8 +26,8 @@ def make_adapter(base_dir: Path, out: Path, seed: int, b_scale: float = 0.02, **
         for name, param in model.named_parameters():
             if "lora_B" in name or "lora_embedding_B" in name:
                 param.mul_(b_scale)
-            elif "modules_to_save" in name:
-                param.add_(b_scale * torch.randn_like(param))
+            elif param.requires_grad and "lora_A" not in name and "lora_embedding_A" not in name:
+                param.add_(b_scale * torch.randn_like(param))  # modules_to_save, trained biases
     model.save_pretrained(out)
     return out
 

@@ -177,3 +177,54 @@ def test_adapters_resolve_through_s3_and_hf_refs(zoo, adapters, tmp_path, s3_end
     on_hub = refs.resolve_ref("hf://acme/lora-c@main", tmp_path / "w")
     assert (on_hub.path / "adapter_config.json").exists()
     assert extract_stats(zoo.base, on_hub.path, "c").sq_norms == local.sq_norms
+
+
+def test_fan_in_fan_out_and_trained_biases_of_a_gpt2_adapter(tmp_path):
+    """GPT-2 stores its projections as Conv1D (in × out): peft's fan_in_fan_out, plus `bias: lora_only`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)).save_pretrained(
+        tmp_path / "base", safe_serialization=True)
+    adapter = make_adapter(tmp_path / "base", tmp_path / "adapter", seed=4, target_modules=["c_attn", "c_fc"],
+                           fan_in_fan_out=True, bias="lora_only")
+    keys = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(k.endswith("c_attn.base_layer.bias") for k in keys)  # the trained biases are in the adapter
+    full = materialize(tmp_path / "base", adapter, tmp_path / "full")
+    fast, slow = extract_stats(tmp_path / "base", adapter, "g"), extract_stats(tmp_path / "base", full, "g")
+    assert _rel(fast.total_sq_norm, slow.total_sq_norm) < 1e-6
+    assert {k for k, v in fast.sq_norms.items() if v > 0} == {k for k, v in slow.sq_norms.items() if v > 0}
+    assert any(k.endswith("c_attn.bias") and v > 0 for k, v in fast.sq_norms.items())
+    coefficients = solve_constant(["g"], 0.7, "task_arithmetic")
+    plan = plan_for(Method(name="task_arithmetic"))
+    merge_checkpoints(tmp_path / "base", [("g", adapter)], coefficients, plan, tmp_path / "m1", dtype="float32")
+    merge_checkpoints(tmp_path / "base", [("g", full)], coefficients, plan, tmp_path / "m2", dtype="float32")
+    one, two = load_file(str(tmp_path / "m1" / "model.safetensors")), load_file(str(tmp_path / "m2" / "model.safetensors"))
+    for name in two:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.llm
+def test_adapters_of_the_smollm2_zoo_match_their_materialized_merge(tmp_path):
+    from metamerge.demo.llm_zoo import build_llm_zoo
+    from tests.flowtools import REPO
+
+    base = build_llm_zoo(REPO / ".cache" / "llm-zoo").base
+    made = {f"l{i}": make_adapter(base, tmp_path / f"l{i}", seed=10 + i, r=16, lora_alpha=32, b_scale=0.005,
+                                  target_modules=["q_proj", "v_proj", "down_proj"]) for i in range(2)}
+    full = {label: materialize(base, path, tmp_path / f"{label}-full") for label, path in made.items()}
+    fast = {label: extract_stats(base, path, label) for label, path in made.items()}
+    slow = {label: extract_stats(base, path, label) for label, path in full.items()}
+    for label in made:
+        assert _rel(fast[label].total_sq_norm, slow[label].total_sq_norm) < 1e-6, label
+    coefficients = solve_metagpt(list(made), {label: s.sq_norms for label, s in fast.items()})
+    plan = plan_for(Method(name="metagpt"))
+    a = merge_checkpoints(base, list(made.items()), coefficients, plan, tmp_path / "a", dtype="float32")
+    f = merge_checkpoints(base, list(full.items()), coefficients, plan, tmp_path / "f", dtype="float32")
+    from metamerge.engine.checkpoint import CheckpointReader
+
+    ra, rf = CheckpointReader(tmp_path / "a"), CheckpointReader(tmp_path / "f")
+    assert ra.names == rf.names
+    for name in ra.names:
+        torch.testing.assert_close(ra.read(name), rf.read(name), rtol=1e-6, atol=1e-6)
+    assert _rel(a.gram[0][1], f.gram[0][1]) < 1e-5

@@ -104,8 +104,8 @@ class LoraAdapter:
             elif name.endswith(".base_layer.weight"):  # PEFT saves embedding base weights: the base's own
                 target = name.replace(".base_layer.weight", ".weight")
                 self._check_target(target, self._shape(key), base, "its saved base layer")
-            else:
-                target = name.replace(".modules_to_save.default", "")
+            else:  # modules_to_save tensors, and biases trained with `bias: lora_only | all` (under base_layer)
+                target = name.replace(".modules_to_save.default", "").replace(".base_layer.", ".")
                 self._check_target(target, self._shape(key), base, "its full tensor")
                 self.full[target] = key
         alpha = float(self.config.get("lora_alpha", 8))
