@@ -12,6 +12,7 @@ from pathlib import Path
 
 from metamerge import progress
 from metamerge.engine.coefficients import Coefficients
+from metamerge.engine.lora import check_adapter_base
 from metamerge.engine.merge import MergeReport, merge_checkpoints
 from metamerge.io import outputs
 from metamerge.methods.registry import plan_for
@@ -42,6 +43,8 @@ def merge_into(rec: Recipe, target: Path, existing: str, clock: progress.StageCl
         finetunes = [resolve(ft.ref, workdir) for ft in rec.finetunes]
     labels = [ft.label for ft in rec.finetunes]
     with clock.stage("extract"):
+        for f, label in zip(finetunes, labels, strict=True):  # also when the method weighs no norm
+            check_adapter_base(f.path, label, base.ref, base.path)
         stats = [extract(base, f, label, plan, rec.merge.vocab, workdir)
                  for f, label in zip(finetunes, labels, strict=True)] if plan.needs_norms else []
         # with stats, a bad "fine-tune" fails before the merge; without, the merge pass checks it before committing
