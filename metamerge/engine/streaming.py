@@ -9,6 +9,7 @@ and writing overlaps with the next read. Peak memory is a few tensors, never the
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def _require_finite(gram: torch.Tensor, base_sq: float, labels: list[str], name:
         raise CheckpointError(f"fine-tune {', '.join(repr(b) for b in bad)}: tensor {name!r} contains NaN or Inf")
 
 
-LINEAR_BLOCK = 1 << 15
+LINEAR_BLOCK = 1 << 16
 
 
 def _linear_piece_blocked(
@@ -196,9 +197,32 @@ class _Totals:
     rounding_den: float = 0.0
 
 
+def compute_threads() -> int:
+    """Intra-op threads for a CPU merge: the cores left after the reader and the writer thread.
+
+    A linear merge is a stream of short, memory-bound passes; torch threads that contend with the two
+    I/O threads for the same cores slow it down (2 cores: 1.25 s with 2 threads, 0.95–1.04 s with 1,
+    benchmark family, task arithmetic). Never more than the process was already allowed.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cores - 2))
+
+
 def stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes: int, progress: ProgressFn | None,
-            hang_at: str) -> _Totals:
+                 hang_at: str) -> _Totals:
     """Reads, merges and writes every piece of `work` in order, overlapping read, compute and write."""
+    if job.device.type != "cpu" or not job.plan.linear:  # TIES & co. are compute-bound: every core helps
+        return _stream_merge(job, work, writer, total_bytes, progress, hang_at)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(compute_threads())
+    try:
+        return _stream_merge(job, work, writer, total_bytes, progress, hang_at)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes: int, progress: ProgressFn | None,
+                  hang_at: str) -> _Totals:
     base, plan, labels, coefficients, compute_device = job.base, job.plan, job.labels, job.coefficients, job.device
     inputs = _Inputs(base, job.pairs, compute_device)
     aliases = tied_aliases(base) if plan.random else {}
