@@ -38,11 +38,11 @@ class TensorInfo:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
+    def nbytes(self) -> int:  # on the hot path of every read and write: no tensor allocation here
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * self.dtype.itemsize
 
     @property
     def is_float(self) -> bool:
