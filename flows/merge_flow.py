@@ -38,7 +38,7 @@ from metamerge_prefect.flows.best_of import best_of
 from metamerge_prefect.flows.scaleout import merge_by_shard, on_dask, run_on_dask
 from metamerge_prefect.tasks.assets import register_published_asset
 from metamerge_prefect.tasks.evaluate import evaluate_model
-from metamerge_prefect.tasks.extract import extract_task_vector
+from metamerge_prefect.tasks.extract import extract_task_vector, extract_together_task
 from metamerge_prefect.tasks.gate import check_quality_gate
 from metamerge_prefect.tasks.history import record_history
 from metamerge_prefect.tasks.merge import merge_models
@@ -90,10 +90,15 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     logger.info("resolved base %s and %d fine-tunes", base.fingerprint[:12], len(finetunes))
 
     with clock.stage("extract"):
+        # a task whose stats file is gone is refreshed (its cached path would point at nothing)
+        missing = {label for ft, label in zip(finetunes, labels, strict=True)
+                   if not stats_available(base, ft, label, plan, rec.merge.vocab, workdir, store)}
+        if len(missing) > 1 and not dask:  # one pass over the base for all of them; the tasks below then find the files
+            extract_together_task(base, [ft for ft, label in zip(finetunes, labels, strict=True) if label in missing],
+                                  [label for label in labels if label in missing], plan, rec.merge.vocab, workdir)
         stats_futures = [
-            extract_task.with_options(
-                refresh_cache=not stats_available(base, ft, label, plan, rec.merge.vocab, workdir, store)
-            ).submit(base, ft, label, plan, rec.merge.vocab, workdir, store)
+            extract_task.with_options(refresh_cache=label in missing).submit(base, ft, label, plan, rec.merge.vocab,
+                                                                             workdir, store)
             for ft, label in zip(finetunes, labels, strict=True)
         ]
         stats_files = [f.result() for f in stats_futures]

@@ -8,7 +8,7 @@ from prefect import task
 
 from metamerge.io.shared import SharedStore
 from metamerge.methods.plan import MergePlan
-from metamerge.pipeline.extract import extract
+from metamerge.pipeline.extract import extract, extract_together
 from metamerge.refs import ResolvedModel
 from metamerge_prefect.tasks.caching import extract_key
 
@@ -18,3 +18,14 @@ def extract_task_vector(base: ResolvedModel, finetune: ResolvedModel, label: str
                         vocab: str, workdir: str, store: SharedStore | None = None) -> str:
     """Compute stage: deterministic, so not retried. Returns the stats file's path (also in `store`, if any)."""
     return str(extract(base, finetune, label, plan, vocab, Path(workdir), store))
+
+
+@task(name="extract-together", task_run_name="extract {labels} in one pass over the base")
+def extract_together_task(base: ResolvedModel, finetunes: list[ResolvedModel], labels: list[str], plan: MergePlan,
+                          vocab: str, workdir: str) -> list[str]:
+    """Several missing stats files at once: the base is read once, not once per fine-tune.
+
+    Not cached itself: the stats files it writes are what the per-fine-tune `extract` tasks
+    then find (and cache), so each fine-tune keeps its own cache entry.
+    """
+    return [str(p) for p in extract_together(base, finetunes, labels, plan, vocab, Path(workdir))]

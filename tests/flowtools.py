@@ -64,13 +64,23 @@ def task_states(flow_run_id, timeout: float = 30.0, expect=()) -> dict[str, list
     return dict(states)
 
 
-def expected_task_names(recipe: dict) -> set[str]:
-    """The task runs merge_flow (local runner) creates for a recipe: what a complete run records."""
+def together_name(labels: list[str]) -> str:
+    """The task run that extracts several missing fine-tunes in one pass over the base."""
+    return f"extract {labels} in one pass over the base"
+
+
+def expected_task_names(recipe: dict, first_run: bool = False) -> set[str]:
+    """The task runs merge_flow (local runner) creates for a recipe: what a complete run records.
+
+    `first_run`: nothing extracted yet, so with several fine-tunes one task extracts them together.
+    """
     from metamerge.recipe import parse_recipe
 
     rec = parse_recipe(recipe)
     names = {f"resolve {rec.base}", "solve", "merge"} | {f"resolve {ft.ref}" for ft in rec.finetunes}
     names |= {f"extract {ft.label}" for ft in rec.finetunes}
+    if first_run and len(rec.finetunes) > 1:
+        names.add(together_name([ft.label for ft in rec.finetunes]))
     if rec.evaluation is not None:
         tasks = list(dict.fromkeys(t for ft in rec.finetunes for t in ft.tasks))
         names |= {f"evaluate base on ('{t}',)" for t in tasks} | {f"evaluate merged on ('{t}',)" for t in tasks}

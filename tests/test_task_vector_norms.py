@@ -142,3 +142,29 @@ def test_report_and_lambda_artifact_carry_norms_and_dropped_rows(tmp_path, prefe
     assert {r["fine-tune"]: r["relative norm ‖τ‖/‖θ₀‖"] for r in records} == pytest.approx(norms, rel=1e-5)
     merge_report = json.loads((Path(summary["published"]["run_uri"]) / "merge_report.json").read_text())
     assert merge_report["dropped_rows"] == summary["dropped_rows"]
+
+
+def test_extracting_together_reads_the_base_once_and_gives_the_same_bytes(tmp_path, monkeypatch):
+    import dataclasses
+
+    from metamerge.engine import checkpoint
+    from metamerge.engine.taskvectors import extract_stats, extract_stats_many
+    from metamerge.methods.plan import MergePlan
+    from tests.helpers import random_family
+
+    base_dir, ft_dirs, *_ = random_family(tmp_path, n_finetunes=3)
+    for plan in (MergePlan(), dataclasses.replace(MergePlan(), sparsify="magnitude", density=0.3)):
+        alone = [extract_stats(base_dir, d, f"ft{i}", plan) for i, d in enumerate(ft_dirs)]
+        reads: list[str] = []
+        real = checkpoint.CheckpointReader.read_f32_into
+
+        def counting(self, name, out, rows=None, real=real):
+            reads.append(self.label)
+            return real(self, name, out, rows)
+
+        monkeypatch.setattr(checkpoint.CheckpointReader, "read_f32_into", counting)
+        together = extract_stats_many(base_dir, [(d, f"ft{i}") for i, d in enumerate(ft_dirs)], plan)
+        monkeypatch.undo()
+        assert together == alone  # every float sum identical, not just close
+        per_input = {label: reads.count(label) for label in set(reads)}
+        assert per_input["base"] == per_input["ft0"] == per_input["ft1"] == per_input["ft2"] > 0

@@ -76,43 +76,78 @@ def extract_stats(
     Also ‖θ₀‖² and the raw ‖τ‖² (for the relative task-vector norm), and which vocabulary rows
     `vocab: base` drops. NaN/Inf in the base is blamed on the base, not on the fine-tune.
     """
+    return extract_stats_many(base_dir, [(finetune_dir, label)], plan, vocab)[0]
+
+
+@dataclass
+class _Sums:
+    """One fine-tune's running sums during a shared pass over the base."""
+
+    label: str
+    reader: CheckpointReader | LoraReader
+    alignment: object
+    sq_norms: dict[str, float] = field(default_factory=dict)
+    numel: int = 0
+    changed: int = 0
+    raw_total: float = 0.0
+
+
+def extract_stats_many(
+    base_dir: Path, finetunes: list[tuple[Path, str]], plan: MergePlan | None = None, vocab: str = "base"
+) -> list[TaskVectorStats]:
+    """`extract_stats` of several fine-tunes in one pass that reads each base tensor once.
+
+    Each fine-tune's numbers are computed exactly as alone (same pieces, same order of
+    operations), so the stats are identical to one-by-one extraction: only the base's
+    repeated reads are gone ((T+1) model reads instead of 2T).
+    """
     plan = plan or MergePlan()
     base = CheckpointReader(base_dir, label="base")
-    finetune = open_finetune(base_dir, finetune_dir, label)
-    if isinstance(finetune, LoraReader) and plan.sparsify == "none":
-        return _adapter_stats(base_dir, base, finetune, label)
-    alignment = align(base, finetune, vocab)
-    sq_norms: dict[str, float] = {}
-    numel = changed = 0
-    base_total = raw_total = 0.0
+    results: dict[str, TaskVectorStats] = {}
+    sums: list[_Sums] = []
+    for finetune_dir, label in finetunes:
+        finetune = open_finetune(base_dir, finetune_dir, label)
+        if isinstance(finetune, LoraReader) and plan.sparsify == "none":
+            results[label] = _adapter_stats(base_dir, base, finetune, label)
+        else:
+            sums.append(_Sums(label, finetune, align(base, finetune, vocab)))
+    base_total = 0.0
     capacity = checkpoint.CHUNK_ELEMENTS
     aliases = tied_aliases(base) if plan.random else {}
     ft_buffer, base_buffer = torch.empty(capacity), torch.empty(capacity)
-    for name in base.names:
+    for name in base.names if sums else []:
         info = base.info(name)
         if not info.is_float:
             continue
-        value = base_sq = raw_sq = 0.0
+        base_sq = 0.0
+        values = [0.0] * len(sums)
+        raws = [0.0] * len(sums)
         for rows in row_chunks(info, capacity) if chunked(plan) else [None]:
-            tau = _read_f32(finetune, name, aligned_rows(alignment, name, rows), ft_buffer)
             theta0 = _read_f32(base, name, rows, base_buffer)
             base_sq += float(torch.dot(theta0, theta0))
-            tau.sub_(theta0)
-            if plan.sparsify != "none":
-                raw_sq += float(torch.dot(tau, tau))
-            value += sq_norm_after_sparsify(tau, plan, label, aliases.get(name, name), rows[0] if rows else 0,
-                                            info.shape[-1] if len(info.shape) > 1 else None)
+            for i, ft in enumerate(sums):
+                tau = _read_f32(ft.reader, name, aligned_rows(ft.alignment, name, rows), ft_buffer)
+                tau.sub_(theta0)
+                if plan.sparsify != "none":
+                    raws[i] += float(torch.dot(tau, tau))
+                values[i] += sq_norm_after_sparsify(tau, plan, ft.label, aliases.get(name, name),
+                                                    rows[0] if rows else 0,
+                                                    info.shape[-1] if len(info.shape) > 1 else None)
         if not math.isfinite(base_sq):
             raise CheckpointError(f"base {Path(base_dir)}: tensor {name!r} contains NaN or Inf")
-        if not math.isfinite(value) or not math.isfinite(raw_sq):
-            raise CheckpointError(f"fine-tune {label!r}: tensor {name!r} contains NaN or Inf")
-        sq_norms[name] = value
         base_total += base_sq
-        raw_total += raw_sq if plan.sparsify != "none" else value
-        numel += math.prod(info.shape)
-        changed += value > 0
-    return TaskVectorStats(label=label, sq_norms=sq_norms, numel=numel, changed_tensors=changed,
-                           base_sq_norm=base_total, raw_sq_norm=raw_total, dropped_rows=dict(alignment.dropped_rows))
+        for ft, value, raw_sq in zip(sums, values, raws, strict=True):
+            if not math.isfinite(value) or not math.isfinite(raw_sq):
+                raise CheckpointError(f"fine-tune {ft.label!r}: tensor {name!r} contains NaN or Inf")
+            ft.sq_norms[name] = value
+            ft.raw_total += raw_sq if plan.sparsify != "none" else value
+            ft.numel += math.prod(info.shape)
+            ft.changed += value > 0
+    for ft in sums:
+        results[ft.label] = TaskVectorStats(label=ft.label, sq_norms=ft.sq_norms, numel=ft.numel,
+                                            changed_tensors=ft.changed, base_sq_norm=base_total,
+                                            raw_sq_norm=ft.raw_total, dropped_rows=dict(ft.alignment.dropped_rows))
+    return [results[label] for _, label in finetunes]
 
 
 def _read_f32(reader: CheckpointReader, name: str, rows: tuple[int, int] | None, buffer: torch.Tensor) -> torch.Tensor:

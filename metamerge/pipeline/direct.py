@@ -17,7 +17,7 @@ from metamerge.engine.merge import MergeReport, merge_checkpoints
 from metamerge.io import outputs
 from metamerge.methods.registry import plan_for
 from metamerge.pipeline import preflight
-from metamerge.pipeline.extract import check_task_vectors, extract, load_stats
+from metamerge.pipeline.extract import check_task_vectors, extract_together, load_stats
 from metamerge.pipeline.inputs import resolve
 from metamerge.pipeline.solve import solve
 from metamerge.recipe import Recipe
@@ -45,8 +45,7 @@ def merge_into(rec: Recipe, target: Path, existing: str, clock: progress.StageCl
     with clock.stage("extract"):
         for f, label in zip(finetunes, labels, strict=True):  # also when the method weighs no norm
             check_adapter_base(f.path, label, base.ref, base.path)
-        stats = [extract(base, f, label, plan, rec.merge.vocab, workdir)
-                 for f, label in zip(finetunes, labels, strict=True)] if plan.needs_norms else []
+        stats = extract_together(base, finetunes, labels, plan, rec.merge.vocab, workdir) if plan.needs_norms else []
         # with stats, a bad "fine-tune" fails before the merge; without, the merge pass checks it before committing
         norms = check_task_vectors(rec, load_stats(stats)) if stats else None
     with clock.stage("solve"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from metamerge.engine.lora import check_adapter_base
-from metamerge.engine.taskvectors import TaskVectorStats, check_relative_norms, extract_stats
+from metamerge.engine.taskvectors import TaskVectorStats, check_relative_norms, extract_stats, extract_stats_many
 from metamerge.errors import writing
 from metamerge.io.atomic import write_atomic
 from metamerge.io.shared import SharedStore
@@ -36,6 +36,28 @@ def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: Merg
     if store is not None:
         store.put(out)
     return out
+
+
+def extract_together(base: ResolvedModel, finetunes: list[ResolvedModel], labels: list[str], plan: MergePlan,
+                     vocab: str, workdir: Path) -> list[Path]:
+    """The stats files of several fine-tunes, the missing ones computed in one pass over the base.
+
+    Each file is the one `extract` would write for that fine-tune alone (same name, same bytes),
+    so per-fine-tune caching is unchanged; only the base is read once instead of once per
+    fine-tune. Local workdirs only (a Dask run extracts per fine-tune, on its workers).
+    """
+    outs = [stats_path(base, ft, label, plan, vocab, workdir) for ft, label in zip(finetunes, labels, strict=True)]
+    missing = [(ft, label, out) for ft, label, out in zip(finetunes, labels, outs, strict=True) if not out.exists()]
+    for ft, label, _ in missing:
+        check_adapter_base(ft.path, label, base.ref, base.path)
+    if missing:
+        computed = extract_stats_many(base.path, [(ft.path, label) for ft, label, _ in missing],
+                                      plan if plan.needs_norms else MergePlan(), vocab)
+        for (_, _, out), stats in zip(missing, computed, strict=True):
+            with writing(out):
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(out, lambda tmp, stats=stats: stats.save(tmp))
+    return outs
 
 
 def stats_available(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str,
