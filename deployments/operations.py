@@ -114,20 +114,21 @@ def automations(ops: Operations, block_id: Any) -> list[AutomationCore]:
     def notify(subject: str, body: str) -> list[SendNotification]:
         return [SendNotification(block_document_id=block_id, subject=subject, body=body)]
 
+    def on_run_event(name: str, description: str, event: str, subject: str) -> AutomationCore:
+        """Reacts to one event our failure hook emits, naming the recipe, the stage and the error."""
+        return AutomationCore(
+            name=AUTOMATION_PREFIX + name, description=description,
+            trigger=EventTrigger(expect={event}, match={"prefect.resource.id": RECIPE_RESOURCE + "*"},
+                                 posture=Posture.Reactive, threshold=1),
+            actions=notify(subject, "{{ event.payload.error }}\nflow run: {{ event.payload.flow_run_name }}"))
+
     found: list[AutomationCore] = []
-    on_recipe = {"prefect.resource.id": RECIPE_RESOURCE + "*"}
     if ops.alerts.failed_run:
-        found.append(AutomationCore(
-            name=AUTOMATION_PREFIX + "run failed", description="a merge run failed: recipe, stage and error",
-            trigger=EventTrigger(expect={RUN_FAILED}, match=on_recipe, posture=Posture.Reactive, threshold=1),
-            actions=notify("metamerge: {{ event.payload.recipe }} failed at stage {{ event.payload.stage }}",
-                           "{{ event.payload.error }}\nflow run: {{ event.payload.flow_run_name }}")))
+        found.append(on_run_event("run failed", "a merge run failed: recipe, stage and error", RUN_FAILED,
+                                  "metamerge: {{ event.payload.recipe }} failed at stage {{ event.payload.stage }}"))
     if ops.alerts.gate_failed:
-        found.append(AutomationCore(
-            name=AUTOMATION_PREFIX + "quality gate failed", description="a merge missed its quality gate; not published",
-            trigger=EventTrigger(expect={GATE_FAILED}, match=on_recipe, posture=Posture.Reactive, threshold=1),
-            actions=notify("metamerge: {{ event.payload.recipe }} did not pass its quality gate (not published)",
-                           "{{ event.payload.error }}\nflow run: {{ event.payload.flow_run_name }}")))
+        found.append(on_run_event("quality gate failed", "a merge missed its quality gate; not published", GATE_FAILED,
+                                  "metamerge: {{ event.payload.recipe }} did not pass its quality gate (not published)"))
     missed = ops.alerts.missed_night
     if missed is not None:
         flow_name, deployment = missed.deployment.split("/")
