@@ -6,8 +6,10 @@ On the benchmark family (benchmarks/merge_throughput.py) with 16 fine-tunes, for
   * io_floor_s: read base + T fine-tunes once and write one model (the least any merge does);
   * task_arithmetic_s / metagpt_s: our merge in-process (MetaGPT with its norm pass), best of N;
   * peak_rss_mb: a task-arithmetic merge in a child process (VmHWM);
-  * rss_bound_mb: the documented bound R0 + 2·(T+2)·chunk, with chunk = 32 MB of float32
-    (metamerge.engine.checkpoint.CHUNK_ELEMENTS) and R0 the process's RSS before merging.
+  * rss_bound_mb: the documented bound R0 + 2·(T+2)·chunk + 2·stack: two alternating
+    workspaces of T+1 input rows and one result row, chunk = 32 MB of float32
+    (metamerge.engine.checkpoint.CHUNK_ELEMENTS), the reader's and the writer's thread stacks
+    (8 MB each, Linux's default), and R0 the process's RSS before merging.
 Results: benchmarks/results/scaling_t.json and the plot benchmarks/results/scaling_t.png.
 """
 
@@ -35,6 +37,7 @@ from benchmarks.merge_throughput import (  # noqa: E402
 )
 
 CHUNK_MB = (1 << 23) * 4 / 2**20
+THREAD_STACK_MB = 8.0
 
 
 def build(work: Path, dims: dict, count: int) -> tuple[Path, list[Path]]:
@@ -54,7 +57,9 @@ def peak_rss(base: Path, fts: list[Path], out: Path, work: Path) -> tuple[float,
     """(RSS before the merge, peak RSS) in MB, of a child process that merges with task arithmetic."""
     code = (f"import sys; sys.path.insert(0, {str(ROOT.parent)!r})\n"
             "from pathlib import Path\nfrom benchmarks.merge_throughput import ours\n"
-            "import metamerge.engine.merge, metamerge.pipeline.extract\n"
+            # everything the merge imports, so that R0 is the process before merging, not before importing
+            "import metamerge.engine.merge, metamerge.pipeline.extract, metamerge.pipeline.inputs, "
+            "metamerge.pipeline.solve, metamerge.recipe, metamerge.methods.registry\n"
             "def rss(key): return [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)][0] / 1024\n"
             "before = rss('VmRSS')\n"
             f"ours(Path({str(base)!r}), [Path(p) for p in {[str(p) for p in fts]!r}], 'task_arithmetic', "
@@ -77,7 +82,7 @@ def plot(rows: list[dict], path: Path) -> None:
     lines = {left: [("io_floor_s", "k--o", "I/O floor"), ("task_arithmetic_s", "-o", "task arithmetic"),
                     ("metagpt_s", "-o", "MetaGPT (norm pass + merge)")],
              right: [("peak_rss_mb", "-o", "peak RSS (task arithmetic)"),
-                     ("rss_bound_mb", "k--", "bound R0 + 2(T+2)·32 MB")]}
+                     ("rss_bound_mb", "k--", "bound R0 + 2(T+2)·32 MB + 2 stacks")]}
     titles = {left: ("seconds", "time: linear in T"), right: ("MB", "memory: O(T × chunk), not O(T × model)")}
     for axis, series in lines.items():
         for key, style, label in series:
@@ -117,7 +122,7 @@ def main() -> None:
             row[f"{method}_s"] = round(min(times), 3)
         before, peak = peak_rss(base, fts, out / "rss", args.work)
         row["rss_before_mb"], row["peak_rss_mb"] = round(before, 1), round(peak, 1)
-        row["rss_bound_mb"] = round(before + 2 * (count + 2) * CHUNK_MB, 1)
+        row["rss_bound_mb"] = round(before + 2 * (count + 2) * CHUNK_MB + 2 * THREAD_STACK_MB, 1)
         row["task_arithmetic_per_ft_s"] = round(row["task_arithmetic_s"] / count, 3)
         rows.append(row)
         print(json.dumps(row))
