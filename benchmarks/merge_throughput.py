@@ -157,6 +157,7 @@ def ours(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path, de
     from metamerge.methods.registry import plan_for
 
     plan = plan_for(recipe.method)
+    shutil.rmtree(out_dir, ignore_errors=True)  # each repeat merges afresh (metamerge never overwrites)
     rb = resolve(str(base), work / "wd")
     rfs = [resolve(str(p), work / "wd") for p in fts]
     started = time.perf_counter()
