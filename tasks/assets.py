@@ -49,10 +49,15 @@ def register_published_asset(published: dict, recipe_name: str, method: str, bas
                              finetunes: dict[str, ResolvedModel], metadata: dict[str, Any],
                              **task_options: Any) -> str:
     """Emits the materialization of this publish (once: later nights with nothing new are Cached)."""
+    lambdas = ", ".join(f"{label} {value:.4f}" for label, value in (metadata.get("lambda") or {}).items())
+    quality = metadata.get("normalized_average")
     merged = Asset(key=asset_uri(published["run_uri"]),
-                   properties=AssetProperties(name=f"{recipe_name} {published['run_uri'].rsplit('/', 1)[-1]}",
-                                              description=f"{method} merge of {len(finetunes)} fine-tunes of "
-                                                          f"{base.ref}; manifest {published['manifest_uri']}"))
+                   properties=AssetProperties(
+                       name=f"{recipe_name} {published['run_uri'].rsplit('/', 1)[-1]}",
+                       description=(f"{method} merge of {len(finetunes)} fine-tunes of {base.ref}; λ: {lambdas}; "
+                                    f"normalized average: {'not evaluated' if quality is None else f'{quality:.3f}'}; "
+                                    f"run {metadata.get('run_id')} (flow run {metadata.get('flow_run_id')}); "
+                                    f"manifest {published['manifest_uri']}")[:2500]))
     upstream = [input_asset(base, "base")] + [input_asset(m, f"fine-tune {label}") for label, m in finetunes.items()]
     task = _materialize.with_options(assets=[merged], asset_deps=upstream, **task_options)
     return task(published, metadata)

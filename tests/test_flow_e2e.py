@@ -95,6 +95,9 @@ def test_metagpt_flow_publishes_a_verified_merge_that_keeps_the_dominant_skill(z
     upstream = {r["prefect.resource.id"]: r for r in made[0]["related"] if r["prefect.resource.role"] == "asset"}
     assert set(upstream) == {asset_uri(str(zoo.base))} | {asset_uri(str(p)) for p in zoo.finetunes.values()}
     assert asset_uri(str(zoo.base)) == "file://" + str(Path(zoo.base).resolve())
+    described = made[0]["resource"]["prefect.asset.description"]  # the asset's own properties carry them too
+    assert f"normalized average: {summary['normalized_average']:.3f}" in described and summary["run_id"] in described
+    assert all(f"{skill} {lam:.4f}" in described for skill, lam in summary["coefficients"].items())
     payload = made[0]["payload"]
     assert payload["lambda"] == summary["coefficients"] and payload["run_id"] == summary["run_id"]
     assert payload["normalized_average"] == summary["normalized_average"] and payload["flow_run_id"] == summary["flow_run_id"]

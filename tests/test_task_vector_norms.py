@@ -158,7 +158,7 @@ def test_extracting_together_reads_the_base_once_and_gives_the_same_bytes(tmp_pa
         reads: list[str] = []
         real = checkpoint.CheckpointReader.read_f32_into
 
-        def counting(self, name, out, rows=None, real=real):
+        def counting(self, name, out, rows=None, real=real, reads=reads):
             reads.append(self.label)
             return real(self, name, out, rows)
 
