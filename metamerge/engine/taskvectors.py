@@ -22,7 +22,7 @@ from metamerge.errors import CheckpointError
 from metamerge.methods.kernels import chunked, sq_norm_after_sparsify
 from metamerge.methods.plan import MergePlan
 
-STATS_VERSION = 2  # 2: ‖θ₀‖², raw ‖τ‖², vocabulary rows dropped
+STATS_VERSION = 3  # 2: ‖θ₀‖², raw ‖τ‖², vocabulary rows dropped; 3: ‖τ‖² summed in 64 K float64 blocks
 
 
 @dataclass(frozen=True)
