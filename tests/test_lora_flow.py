@@ -13,7 +13,7 @@ from tests.flowtools import zoo_recipe
 from tests.lora_helpers import materialize, train_adapter
 from tests.zoo_reference import accuracy_of_state, merged_state, one_example
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.quality]  # the adapters are trained: verdicts follow the CPU kernels
 
 
 def test_two_adapters_and_a_full_finetune_merge_evaluate_and_publish(zoo, s3_endpoint, bucket, prefect_api, tmp_path):
