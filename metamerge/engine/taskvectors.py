@@ -19,7 +19,7 @@ from metamerge.engine.checkpoint import CheckpointReader, row_chunks
 from metamerge.engine.compat import align, aligned_rows, tied_aliases
 from metamerge.engine.lora import LoraReader, open_finetune
 from metamerge.errors import CheckpointError
-from metamerge.methods.kernels import chunked, sq_norm_after_sparsify
+from metamerge.methods.kernels import chunked, sq_norm, sq_norm_after_sparsify
 from metamerge.methods.plan import MergePlan
 
 STATS_VERSION = 3  # 2: ‖θ₀‖², raw ‖τ‖², vocabulary rows dropped; 3: ‖τ‖² summed in 64 K float64 blocks
@@ -175,8 +175,7 @@ def _adapter_stats(base_dir: Path, base: CheckpointReader, finetune: LoraReader,
         if name in adapter.modules:
             value = adapter.sq_norm(name)
         elif name in adapter.full:
-            tau = adapter.full_tensor(name).to(torch.float64) - base.read(name).to(torch.float64)
-            value = float(torch.sum(tau * tau))
+            value = sq_norm(adapter.full_tensor(name).to(torch.float32) - base.read(name).to(torch.float32))
         else:
             value = 0.0
         if not math.isfinite(value):
@@ -200,8 +199,9 @@ def base_sq_norms(base_dir: Path) -> dict[str, float]:
         base = CheckpointReader(base_dir, label="base")
         norms = {}
         for name in base.names:
-            if base.info(name).is_float:
-                value = float(torch.linalg.vector_norm(base.read(name), dtype=torch.float64)) ** 2
+            info = base.info(name)
+            if info.is_float:  # row chunks: memory bounded as in every other pass
+                value = sum(sq_norm(base.read(name, rows=rows)) for rows in row_chunks(info, checkpoint.CHUNK_ELEMENTS))
                 if not math.isfinite(value):
                     raise CheckpointError(f"base {base_dir}: tensor {name!r} contains NaN or Inf")
                 norms[name] = value

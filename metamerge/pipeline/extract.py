@@ -29,10 +29,7 @@ def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: Merg
         if store is not None:
             base, finetune = local_model(base, store), local_model(finetune, store)
         check_adapter_base(finetune.path, label, base.ref, base.path)
-        stats = extract_stats(base.path, finetune.path, label, plan if plan.needs_norms else MergePlan(), vocab)
-        with writing(out):
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(out, lambda tmp: stats.save(tmp))
+        _save(out, extract_stats(base.path, finetune.path, label, _weighed(plan), vocab))
     if store is not None:
         store.put(out)
     return out
@@ -51,13 +48,21 @@ def extract_together(base: ResolvedModel, finetunes: list[ResolvedModel], labels
     for ft, label, _ in missing:
         check_adapter_base(ft.path, label, base.ref, base.path)
     if missing:
-        computed = extract_stats_many(base.path, [(ft.path, label) for ft, label, _ in missing],
-                                      plan if plan.needs_norms else MergePlan(), vocab)
+        computed = extract_stats_many(base.path, [(ft.path, label) for ft, label, _ in missing], _weighed(plan), vocab)
         for (_, _, out), stats in zip(missing, computed, strict=True):
-            with writing(out):
-                out.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(out, lambda tmp, stats=stats: stats.save(tmp))
+            _save(out, stats)
     return outs
+
+
+def _weighed(plan: MergePlan) -> MergePlan:
+    """The sparsified ‖τ‖² matter only where MetaGPT weighs them; other methods extract dense norms."""
+    return plan if plan.needs_norms else MergePlan()
+
+
+def _save(out: Path, stats: TaskVectorStats) -> None:
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, lambda tmp: stats.save(tmp))
 
 
 def stats_available(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str,
