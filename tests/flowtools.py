@@ -141,13 +141,23 @@ def wait_for_no_process_of(home: str = SUBPROCESS_HOME, timeout: float = 15.0) -
     return time.monotonic() - started
 
 
-def flow_artifacts(flow_run_id) -> dict[str, object]:
-    """{artifact key: data} of one flow run, from the Prefect API."""
+def flow_artifacts(flow_run_id, expect: tuple[str, ...] = (), timeout: float = 30.0) -> dict[str, object]:
+    """{artifact key: data} of one flow run, from the Prefect API, once every key in `expect` is there.
+
+    On a loaded machine the API may list a run's artifacts a moment after the flow returned.
+    """
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        while True:
+            artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if set(expect) <= {a.key for a in artifacts} or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     out: dict[str, object] = {}
     for artifact in artifacts:
         data = artifact.data

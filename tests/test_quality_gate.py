@@ -36,7 +36,7 @@ def test_gate_refuses_a_regression_and_a_low_score_and_publishes_nothing(zoo, s3
     assert "not published" in state.message
     assert bucket_keys(s3_endpoint, bucket) == published_keys
     assert latest_manifest(recipe["publish"]["target"], recipe["name"], s3_endpoint)["run_id"] == summary["run_id"]
-    artifacts = flow_artifacts(state.state_details.flow_run_id)
+    artifacts = flow_artifacts(state.state_details.flow_run_id, expect=("quality-gate", "merge-scores"))
     assert artifacts["quality-gate"][0]["result"] == "fail"
     scores = {r["model"]: r for r in artifacts["merge-scores"]}
     assert scores["merged (task_arithmetic)"]["avg_norm"] < summary["normalized_average"]
@@ -48,5 +48,5 @@ def test_gate_refuses_a_regression_and_a_low_score_and_publishes_nothing(zoo, s3
     assert state.is_failed() and "vs minimum 0.9990" in state.message
     assert bucket_keys(s3_endpoint, bucket) == published_keys
     worse_norm = scores["merged (task_arithmetic)"]["avg_norm"]
-    assert flow_artifacts(state.state_details.flow_run_id)["quality-gate"] == [
+    assert flow_artifacts(state.state_details.flow_run_id, expect=("quality-gate",))["quality-gate"] == [
         {"check": f"normalized average {worse_norm:.4f} vs minimum 0.9990", "result": "fail"}]

@@ -122,7 +122,7 @@ def test_dropped_vocabulary_rows_are_reported_by_merge(tmp_path):
     assert "fine-tune 'ft0'" not in done.stdout
 
 
-def test_report_and_lambda_artifact_carry_norms_and_dropped_rows(tmp_path, prefect_api):
+def test_report_and_lambda_artifact_carry_norms_and_dropped_rows(tmp_path, isolated_results):
     from metamerge_prefect.flows.merge_flow import merge_flow
     from tests.flowtools import flow_artifacts
 
@@ -138,7 +138,7 @@ def test_report_and_lambda_artifact_carry_norms_and_dropped_rows(tmp_path, prefe
     report = (Path(summary["published"]["run_uri"]) / "report.md").read_text()
     assert "| fine-tune | λ | ‖τ‖/‖θ₀‖ |" in report and f"| {norms['ft0']:.4f} |" in report
     assert "## Vocabulary rows dropped (vocab: base)" in report and "| big | model.embed_tokens.weight | 3 |" in report
-    records = flow_artifacts(state.state_details.flow_run_id)["merge-coefficients"]
+    records = flow_artifacts(state.state_details.flow_run_id, expect=("merge-coefficients",))["merge-coefficients"]
     assert {r["fine-tune"]: r["relative norm ‖τ‖/‖θ₀‖"] for r in records} == pytest.approx(norms, rel=1e-5)
     merge_report = json.loads((Path(summary["published"]["run_uri"]) / "merge_report.json").read_text())
     assert merge_report["dropped_rows"] == summary["dropped_rows"]
