@@ -1,6 +1,7 @@
-"""Merge wall time split by output shard on a Dask LocalCluster: 1 worker against 2 workers.
+"""Merge wall time split by output shard on a Dask LocalCluster (1 worker against 2), and the
+bytes each worker moves when the inputs are in S3: read by range against downloaded whole.
 
-    python benchmarks/scaleout.py [--size small|default|large] [--shard-mb 100] [--repeats 2]
+    python benchmarks/scaleout.py [--size small|default|large] [--shard-mb 100] [--repeats 2] [--bytes-only]
 
 Same checkpoints as benchmarks/merge_throughput.py (a base + 3 fine-tunes, its builder). For
 each method it times, best of N, warm page cache:
@@ -10,6 +11,13 @@ each method it times, best of N, warm page cache:
 and checks that every run's files are byte-equal to the local run's. Prefect is left out on
 purpose: it adds about 2 s per task (measured in tests/test_dask_scaleout.py), which is noise
 for 70B shards but would hide the engine's scaling on these small ones.
+Bytes per worker (`bytes_per_worker`): the same checkpoints uploaded to a local S3 server (moto,
+127.0.0.1), one shard task per output shard on w workers, each worker with its own cache folder:
+  * ranged: every task reads its tensors' byte ranges (metamerge/io/ranged.py), nothing stored;
+  * download: what every worker did before ranged reads (and does with `runner.inputs: download`):
+    it downloads each input whole, once, into its cache, then merges from disk.
+Bytes are counted on the worker (bytes fetched by range; bytes of the downloaded files), with the
+peak RSS of each worker process, and the outputs are checked byte-equal to the local engine's.
 Results go to benchmarks/results/scaleout.json.
 """
 
@@ -57,6 +65,96 @@ def _shard_task(base: str, fts: list, method: str, out: str, index: int, shard_m
     return {**asdict(report), "pid": os.getpid()}
 
 
+def _s3_shard_task(refs: dict, endpoint: str, method: str, out: str, index: int, shard_mb: float, mode: str,
+                   cache: str) -> dict:
+    """Runs on a worker: inputs from S3, by range or downloaded into this worker's own cache folder."""
+    import resource
+    from dataclasses import asdict
+
+    from metamerge.engine.coefficients import solve_constant
+    from metamerge.engine.shards import merge_shard_file
+    from metamerge.io.ranged import FETCHED
+    from metamerge.methods.plan import MergePlan
+    from metamerge.refs.s3 import list_s3_model, resolve_s3
+
+    plan = MergePlan(**METHODS[method])
+    started, fetched = time.perf_counter(), FETCHED.bytes
+    folder = Path(cache) / f"worker-{os.getpid()}"
+    downloaded = 0
+    if mode == "ranged":
+        sources = {name: list_s3_model(ref, endpoint)[0] for name, ref in refs.items()}
+    else:
+        sources = {}
+        for name, ref in refs.items():
+            had = (folder / "remote").exists() and any((folder / "remote").iterdir())
+            before = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if had else 0
+            sources[name] = resolve_s3(ref, folder, endpoint).path
+            downloaded += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) - before
+    report = merge_shard_file(sources["base"], [(label, sources[label]) for label in LABELS],
+                              solve_constant(LABELS, plan.weight, method), plan, Path(out), index, device="cpu",
+                              shard_size_mb=shard_mb)
+    return {**asdict(report), "pid": os.getpid(), "moved": FETCHED.bytes - fetched + downloaded,
+            "task_s": time.perf_counter() - started,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bytes_per_worker(base: Path, fts: list[Path], work: Path, shard_mb: float, worker_counts: list[int]) -> dict:
+    """Bytes each worker fetched from S3 for a task-arithmetic merge, ranged against download."""
+    from distributed import Client, LocalCluster
+
+    from metamerge.demo.s3server import local_s3_server
+    from metamerge.engine.shards import ShardReport, assemble_shard_files, output_shard_files
+    from metamerge.io.s3 import s3_client
+
+    method = "task_arithmetic"
+    local_run(base, fts, method, work / "local", shard_mb)
+    results: dict = {"method": method, "model_bytes": sum(f.stat().st_size for f in base.glob("*.safetensors")),
+                     "inputs": 1 + len(fts), "runs": {}}
+    with local_s3_server(("bench",)) as endpoint:
+        client = s3_client(endpoint)
+        refs = {}
+        for name, folder in [("base", base), *zip(LABELS, fts, strict=True)]:
+            for file in sorted(folder.iterdir()):
+                if file.is_file() and file.name != "done":
+                    client.upload_file(str(file), "bench", f"{name}/{file.name}")
+            refs[name] = f"s3://bench/{name}"
+        count = len(output_shard_files(base, "auto", shard_mb))
+        names = {f.name for f in fields(ShardReport)}
+        for workers in worker_counts:
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit="6GiB",
+                              dashboard_address=None) as cluster, Client(cluster) as dask_client:
+                dask_client.run(_one_thread)
+                for mode in ("ranged", "download"):
+                    staged, out, cache = work / "staged", work / f"s3-{mode}-{workers}", work / f"cache-{mode}-{workers}"
+                    for folder in (staged, out, cache):
+                        shutil.rmtree(folder, ignore_errors=True)
+                    staged.mkdir(parents=True)
+                    started = time.perf_counter()
+                    futures = [dask_client.submit(_s3_shard_task, refs, endpoint, method, str(staged), i, shard_mb, mode,
+                                                  str(cache), pure=False) for i in range(count)]
+                    done = dask_client.gather(futures)
+                    seconds = time.perf_counter() - started
+                    reports = [ShardReport(**{k: v for k, v in r.items() if k in names}) for r in done]
+                    assemble_shard_files(base, reports, LABELS, out, shard_size_mb=shard_mb)
+                    moved: dict[int, int] = {}
+                    rss: dict[int, float] = {}
+                    for r in done:
+                        moved[r["pid"]] = moved.get(r["pid"], 0) + r["moved"]
+                        rss[r["pid"]] = max(rss.get(r["pid"], 0.0), r["peak_rss_mb"])
+                    results["runs"].setdefault(mode, {})[str(workers)] = {
+                        "bytes_per_worker": sorted(moved.values(), reverse=True), "seconds": round(seconds, 2),
+                        "peak_rss_mb_per_worker": [round(v) for v in sorted(rss.values(), reverse=True)],
+                        "byte_equal_to_local": files_of(out) == files_of(work / "local")}
+                    for folder in (staged, out, cache):
+                        shutil.rmtree(folder, ignore_errors=True)
+    inputs_bytes = results["inputs"] * results["model_bytes"]
+    results["bytes_per_worker_over_inputs"] = {
+        mode: {w: round(max(run["bytes_per_worker"]) / inputs_bytes, 3) for w, run in by_workers.items()}
+        for mode, by_workers in results["runs"].items()}
+    shutil.rmtree(work / "local", ignore_errors=True)
+    return results
+
+
 def local_run(base: Path, fts: list[Path], method: str, out: Path, shard_mb: float) -> float:
     from metamerge.engine.coefficients import solve_constant
     from metamerge.engine.merge import merge_checkpoints
@@ -100,6 +198,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--work", type=Path, default=ROOT / "work")
+    parser.add_argument("--bytes-workers", default="1,2,4")
+    parser.add_argument("--bytes-only", action="store_true", help="only the bytes-per-worker runs (keep the timings)")
     args = parser.parse_args()
 
     import torch
@@ -112,6 +212,14 @@ def main() -> None:
     drop_page_cache_hint([base, *fts])
     out = args.work / "scaleout"
     torch.set_num_threads(1)
+    moved = bytes_per_worker(base, fts, out, args.shard_mb, [int(w) for w in args.bytes_workers.split(",")])
+    target = ROOT / "results" / "scaleout.json"
+    if args.bytes_only:
+        results = json.loads(target.read_text()) if target.exists() else {}
+        results["bytes_per_worker"] = moved
+        target.write_text(json.dumps(results, indent=2))
+        print(json.dumps(moved, indent=2))
+        return
     results: dict = {
         "size": args.size, "dims": dims, "shard_mb": args.shard_mb,
         "shards": len(output_shard_files(base, "auto", args.shard_mb)),
@@ -147,6 +255,7 @@ def main() -> None:
     for method, by_workers in results["dask_s"].items():
         if "1" in by_workers and "2" in by_workers:
             results["speedup_2_vs_1_workers"][method] = round(by_workers["1"] / by_workers["2"], 2)
+    results["bytes_per_worker"] = moved
     shutil.rmtree(out, ignore_errors=True)
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "scaleout.json").write_text(json.dumps(results, indent=2))

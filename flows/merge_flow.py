@@ -27,15 +27,16 @@ from metamerge.pipeline.extract import (
     vocab_summary,
 )
 from metamerge.pipeline.finetunes import entry_for_ref, extend_recipe
-from metamerge.pipeline.inputs import shared_store
+from metamerge.pipeline.inputs import reads_in_place, shared_store
 from metamerge.pipeline.keys import run_id_for
 from metamerge.pipeline.merge import merge_available
+from metamerge.pipeline.placement import place
 from metamerge.pipeline.preflight import preflight
 from metamerge.pipeline.report import cosine_records, report_inputs, report_markdown, run_documents
 from metamerge.recipe import load_any
 from metamerge_prefect.flows.alerts import alert_on_failure
 from metamerge_prefect.flows.best_of import best_of
-from metamerge_prefect.flows.scaleout import merge_by_shard, on_dask, run_on_dask
+from metamerge_prefect.flows.scaleout import gpu_worker_count, merge_by_shard, on_dask, placed, run_on_dask
 from metamerge_prefect.tasks.assets import register_published_asset
 from metamerge_prefect.tasks.evaluate import evaluate_model
 from metamerge_prefect.tasks.extract import extract_task_vector, extract_together_task
@@ -66,6 +67,11 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     if rec.runner.kind == "dask" and not on_dask():
         return run_on_dask(merge_flow, rec, run_id, candidates=candidates)  # the same flow, as a subflow whose tasks run on Dask
     dask = rec.runner.kind == "dask"
+    placement = None
+    if dask:  # GPU work goes to workers that declare a GPU; with none, to CPU workers (and the report says so)
+        rec, placement = place(rec, gpu_worker_count(rec.runner.gpu_resource))
+        for note in placement.notes:
+            logger.info("placement: %s", note)
     with clock.stage("preflight"):  # seconds, before any heavy stage: targets, buckets, credentials, disk
         checks = preflight(rec)
     for warning in (c for c in checks if c.startswith("warning: ")):
@@ -83,8 +89,9 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     labels = [ft.label for ft in rec.finetunes]
 
     with clock.stage("resolve"):
-        base_future = resolve_task.submit(rec.base, workdir, rec.endpoint_url)
-        ft_futures = [resolve_task.submit(ft.ref, workdir, rec.endpoint_url) for ft in rec.finetunes]
+        download = not reads_in_place(rec)  # read in place: s3:// inputs are listed here, fetched by range on workers
+        base_future = resolve_task.submit(rec.base, workdir, rec.endpoint_url, download)
+        ft_futures = [resolve_task.submit(ft.ref, workdir, rec.endpoint_url, download) for ft in rec.finetunes]
         base = base_future.result()
         finetunes = [f.result() for f in ft_futures]
     logger.info("resolved base %s and %d fine-tunes", base.fingerprint[:12], len(finetunes))
@@ -98,7 +105,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
                                   [label for label in labels if label in missing], plan, rec.merge.vocab, workdir)
         stats_futures = [
             extract_task.with_options(refresh_cache=label in missing).submit(base, ft, label, plan, rec.merge.vocab,
-                                                                             workdir, store)
+                                                                             workdir, store, reads_in_place(rec))
             for ft, label in zip(finetunes, labels, strict=True)
         ]
         stats_files = [f.result() for f in stats_futures]
@@ -116,7 +123,8 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     refresh = not merge_available(rec, base, finetunes, coefficients)
     with clock.stage("merge"), stage_slot(MERGE_SLOTS, needed=refresh):  # one merge per GPU across runs
         if dask:  # one task per output shard, spread over the workers; then a small finalize task
-            merged = merge_by_shard(rec, base, finetunes, solved, opts, refresh=refresh)
+            merged = merge_by_shard(rec, base, finetunes, solved, opts, refresh=refresh,
+                                    on_gpu=placement is not None and placement.merge_on_gpu)
         else:
             merged = merge_task.with_options(refresh_cache=refresh)(rec, base, finetunes, solved)
     create_table_artifact(key="task-vector-cosine", table=cosine_records(merged.report),
@@ -138,7 +146,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
                     for i, (label, path, fingerprint, tasks, ref) in enumerate(models) for task in tasks]
             scores: list[dict] = [{} for _ in models]  # by position: a fine-tune may be called "base"
             if dask:  # all at once, one worker each
-                with stage_slot(EVAL_SLOTS):
+                with stage_slot(EVAL_SLOTS), placed(placement.evaluation_on_gpu, rec.runner.gpu_resource):
                     futures = [(i, evaluate_task.submit(label, path, fp, spec, workdir, ref, store))
                                for i, label, path, fp, spec, ref in jobs]
                     for i, future in futures:
@@ -162,7 +170,8 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         logger.info(gate.summary())
 
     inputs = [base, *finetunes]
-    report_data = report_inputs(merged.report, norms, dropped, candidates)
+    report_data = report_inputs(merged.report, norms, dropped, candidates,
+                                placement.as_dict() if placement is not None else None)
     documents = run_documents(rec, inputs, coefficients, plan, merged.report, report_data, table)
     if gate is not None and not gate.passed:
         report = report_markdown(rec, inputs, coefficients, plan, report_data, table, None, clock.seconds, gate)
@@ -193,6 +202,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         "run_id": published["run_uri"].rsplit("/", 1)[-1] if published else run_id,
         "merged_path": merged.path,
         "merged_fingerprint": merged.fingerprint,
+        "placement": placement.as_dict() if placement is not None else None,
         "coefficients": coefficients.model_level(),
         "relative_norms": norms,
         "dropped_rows": dropped,

@@ -7,8 +7,10 @@ or a LocalCluster it starts and stops). Inside that subflow every `.submit` goes
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import dask
 from prefect import Flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
@@ -50,14 +52,28 @@ def run_on_dask(flow: Flow, recipe: Recipe, run_id: str | None, **parameters: An
     return flow.with_options(task_runner=runner)(recipe.model_dump(mode="json", by_alias=True), run_id, **parameters)
 
 
+def gpu_worker_count(resource: str) -> int:
+    """Workers of this run's cluster that declare `resource` (Dask worker resources) at least once."""
+    context = FlowRunContext.get()
+    assert context is not None and isinstance(context.task_runner, DaskTaskRunner)
+    workers = context.task_runner.client.scheduler_info(n_workers=-1)["workers"].values()
+    return sum(1 for worker in workers if worker.get("resources", {}).get(resource, 0) >= 1)
+
+
+def placed(on_gpu: bool, resource: str) -> contextlib.AbstractContextManager:
+    """Tasks submitted inside go only to workers that declare `resource` (when `on_gpu`)."""
+    return dask.annotate(resources={resource: 1}) if on_gpu else contextlib.nullcontext()
+
+
 def merge_by_shard(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], solved: dict,
-                   options: dict[str, Any], refresh: bool) -> MergeOutput:
+                   options: dict[str, Any], refresh: bool, on_gpu: bool = False) -> MergeOutput:
     """plan → one task per output shard (spread over workers) → finalize; a progress artifact per shard."""
     planner, shard_task, finalizer = (t.with_options(**options, refresh_cache=refresh)
                                       for t in (plan_shards, merge_shard, finalize_merge))
     names = planner.submit(recipe, base).result()
     progress_id = create_progress_artifact(progress=0.0, key="merge-progress", description="output shards merged")
-    futures = [shard_task.submit(recipe, base, finetunes, solved, index) for index in range(len(names))]
+    with placed(on_gpu, recipe.runner.gpu_resource):
+        futures = [shard_task.submit(recipe, base, finetunes, solved, index) for index in range(len(names))]
     shards = []
     for future in as_completed(futures):
         shards.append(future.result())

@@ -1,7 +1,7 @@
 """Fault-injection points for crash and race tests; inert unless METAMERGE_TEST_* is set.
 
 A test that must SIGKILL a run *during* the merge or *during* the upload sets
-METAMERGE_TEST_HANG_AT=merge|merge-shard|upload and METAMERGE_TEST_HANG_MARKER=<file>: the run
+METAMERGE_TEST_HANG_AT=merge|merge-shard|stage-upload|upload and METAMERGE_TEST_HANG_MARKER=<file>: the run
 writes its pid to the marker at that point and stops there until killed, so the kill lands
 deterministically. With METAMERGE_TEST_HANG_ONCE=1 only the first process to arrive hangs
 (a Dask worker killed there has its task re-run on another worker, which must pass).

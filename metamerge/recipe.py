@@ -112,6 +112,7 @@ class DaskCluster(_Strict):
     threads_per_worker: int = Field(default=1, ge=1)
     memory_limit: str | int | None = Field(default="auto", description="per worker: bytes, '16GiB' or 'auto'")
     processes: bool = True
+    resources: dict[str, float] | None = Field(default=None, description="per worker, e.g. {GPU: 1} on a GPU machine")
 
 
 class Runner(_Strict):
@@ -122,12 +123,16 @@ class Runner(_Strict):
     cluster: DaskCluster | None = None
     storage: str | None = Field(default=None, pattern=r"^s3://[^/]{3,}",
                                 description="shared intermediates (stats, shards, merged model); default <results>/shared")
+    inputs: Literal["ranged", "download"] = Field(
+        default="ranged", description="s3:// inputs on workers: read by byte range in place (default) or downloaded whole")
+    gpu_resource: str = Field(
+        default="GPU", min_length=1, description="Dask worker resource that marks a GPU worker (default GPU): evaluations go there")
 
     @model_validator(mode="after")
     def _check_kind(self) -> Runner:
         if self.kind == "local":
-            for key in ("address", "cluster", "storage"):
-                if getattr(self, key) is not None:
+            for key in ("address", "cluster", "storage", "inputs", "gpu_resource"):
+                if getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(f"'{key}' applies only to kind 'dask'")
         if self.address is not None and self.cluster is not None:
             raise ValueError("give either 'address' (an existing scheduler) or 'cluster' (a LocalCluster), not both")

@@ -15,9 +15,9 @@ from metamerge_prefect.tasks.caching import extract_key
 
 @task(name="extract", task_run_name="extract {label}", cache_key_fn=extract_key, persist_result=True)
 def extract_task_vector(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan,
-                        vocab: str, workdir: str, store: SharedStore | None = None) -> str:
+                        vocab: str, workdir: str, store: SharedStore | None = None, ranged: bool = False) -> str:
     """Compute stage: deterministic, so not retried. Returns the stats file's path (also in `store`, if any)."""
-    return str(extract(base, finetune, label, plan, vocab, Path(workdir), store))
+    return str(extract(base, finetune, label, plan, vocab, Path(workdir), store, ranged))
 
 
 @task(name="extract-together", task_run_name="extract {labels} in one pass over the base")

@@ -13,6 +13,6 @@ from metamerge_prefect.tasks.policy import NETWORK_RETRY
 
 
 @task(name="resolve", task_run_name="resolve {ref}", cache_key_fn=resolve_key, persist_result=True, **NETWORK_RETRY)
-def resolve_model(ref: str, workdir: str, endpoint_url: str | None = None) -> ResolvedModel:
-    """Network stage (s3://, hf:// refs download): retried with backoff and jitter."""
-    return resolve(ref, Path(workdir), endpoint_url)
+def resolve_model(ref: str, workdir: str, endpoint_url: str | None = None, download: bool = True) -> ResolvedModel:
+    """Network stage (s3://, hf:// refs download; `download=False`: s3:// is only listed): retried with backoff."""
+    return resolve(ref, Path(workdir), endpoint_url, download)

@@ -43,13 +43,55 @@ def api(prefect_server, monkeypatch, tmp_path):
         yield prefect_server["api"]
 
 
-def _recipe(zoo, s3_endpoint, bucket, workdir: Path, **overrides) -> dict:
+@pytest.fixture(scope="module")
+def s3_zoo(zoo, s3_endpoint):
+    """The zoo's base and fine-tunes as s3:// refs: workers read them by byte range, never whole."""
+    import uuid
+
+    from metamerge.io.s3 import s3_client
+
+    bucket = f"zoo-{uuid.uuid4().hex[:8]}"
+    client = s3_client(s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    refs = {}
+    for name, folder in [("base", zoo.base), *((skill, zoo.finetunes[skill]) for skill in SKILLS)]:
+        for file in sorted(Path(folder).iterdir()):
+            if file.is_file() and not file.name.startswith("."):
+                client.upload_file(str(file), bucket, f"models/{name}/{file.name}")
+        refs[name] = f"s3://{bucket}/models/{name}"
+    size = sum(f.stat().st_size for f in Path(zoo.base).glob("*.safetensors"))
+    return {"refs": refs, "model_bytes": size}
+
+
+def _recipe(zoo, s3_endpoint, bucket, workdir: Path, s3_zoo=None, **overrides) -> dict:
     recipe = zoo_recipe(zoo, s3_endpoint, bucket, workdir, skills=SKILLS, endpoint_url=s3_endpoint, merge=MERGE,
                         name="zoo-dask")
     recipe.pop("evaluation")
     recipe.pop("publish")
+    if s3_zoo is not None:
+        recipe["base"] = s3_zoo["refs"]["base"]
+        for finetune in recipe["finetunes"]:
+            finetune["ref"] = s3_zoo["refs"][finetune["name"]]
     recipe.update(overrides)
     return recipe
+
+
+def _committed_files(result, bucket, s3_endpoint, tmp_path) -> dict[str, bytes]:
+    """The merged folder as a reader elsewhere gets it from shared storage (only once committed)."""
+    from metamerge.io.shared import SharedStore
+
+    merged = Path(result["merged_path"])
+    workdir = merged.parent.parent
+    here = tmp_path / "reader" / "merged" / merged.name
+    SharedStore(str(tmp_path / "reader"), f"s3://{bucket}/results/shared", s3_endpoint).ensure_dir(here)
+    assert workdir != tmp_path / "reader"
+    return _files(here)
+
+
+def _open_uploads(s3_endpoint, bucket) -> list[str]:
+    from metamerge.io.s3 import s3_client
+
+    return [u["Key"] for u in s3_client(s3_endpoint).list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
 
 
 def _files(folder) -> dict[str, bytes]:
@@ -98,10 +140,27 @@ def _shard_names(local_merge) -> set[str]:
     return {f"merge shard {i}" for i in range(sum(n.endswith(".safetensors") for n in local_merge))}
 
 
-def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpoint, bucket, api, local_merge, tmp_path):
+def _expected_fetch_per_shard(zoo, s3_zoo) -> list[int]:
+    """What each shard task must fetch by range, counted from the headers: its tensors' bytes from the
+    base (all) and each fine-tune (float ones), plus one header GET per input file and each index."""
+    from metamerge.engine.checkpoint import CheckpointReader
+    from metamerge.engine.writer import group_into_shards
+    from metamerge.io.ranged import HEADER_GUESS
+
+    base = CheckpointReader(zoo.base)
+    shards = group_into_shards([base.info(n) for n in base.names], MERGE["shard_size_mb"] * 1024 * 1024)
+    headers = sum(min(HEADER_GUESS, f.stat().st_size) if f.suffix == ".safetensors" else f.stat().st_size
+                  for folder in (zoo.base, *(zoo.finetunes[s] for s in SKILLS)) for f in Path(folder).iterdir()
+                  if f.suffix == ".safetensors" or f.name == "model.safetensors.index.json")
+    return [sum(i.nbytes for i in shard) + len(SKILLS) * sum(i.nbytes for i in shard if i.is_float) + headers
+            for shard in shards]
+
+
+def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpoint, bucket, api, local_merge, tmp_path,
+                                                                    s3_zoo):
     from metamerge_prefect.flows.merge_flow import merge_flow
 
-    recipe = _recipe(zoo, s3_endpoint, bucket, tmp_path / "wd",
+    recipe = _recipe(zoo, s3_endpoint, bucket, tmp_path / "wd", s3_zoo,
                      runner={"kind": "dask", "cluster": {"n_workers": 2, "threads_per_worker": 1, "memory_limit": "3GiB"}},
                      results=f"s3://{bucket}/results",
                      evaluation={"tasks_dir": str(zoo.tasks_dir), "batch_size": 32, "limit": 8},
@@ -112,13 +171,18 @@ def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpo
     result = state.result()
     print(f"dask flow: {time.monotonic() - started:.1f}s")
 
-    # byte-equal to the local runner
-    assert _files(result["merged_path"]) == local_merge
+    # byte-equal to the local runner, as committed in shared storage
+    assert _committed_files(result, bucket, s3_endpoint, tmp_path) == local_merge
     shards = json.loads(Path(result["merged_path"] + ".report.json").read_text())["shards"]
     assert len(shards) == sum(n.endswith(".safetensors") for n in local_merge)
     workers = {s["worker"] for s in shards}
     assert len(workers) == 2, f"shard tasks ran on {workers}"
     assert str(os.getpid()) not in {w.rsplit("/", 1)[1] for w in workers}, "shards ran in the flow's process"
+    # each shard task fetched exactly its tensors' byte ranges from S3 (counted independently from the headers)
+    assert [s["bytes_fetched"] for s in shards] == _expected_fetch_per_shard(zoo, s3_zoo)
+    # no GPU worker: evaluation placed on CPU workers, and the report says so
+    assert result["placement"] == {"gpu_workers": 0, "merge_on_gpu": False, "evaluation_on_gpu": False,
+                                   "notes": ["no Dask worker declares a GPU resource: evaluations ran on CPU workers"]}
 
     # every stage ran as a Prefect task run on the cluster, all completed
     states = _subflow_task_states(state, expect=_shard_names(local_merge) | {"finalize merge", "publish"})
@@ -128,57 +192,103 @@ def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpo
         assert states[name] == ["Completed"], (name, states)
     assert len([n for n in states if n.startswith("evaluate merged")]) == len(SKILLS)
 
-    # intermediates went through S3: stats, the merged model and task results, not only the local disk
+    # intermediates went through S3: stats, the merged model (committed by its manifest) and task results
     keys = bucket_keys(s3_endpoint, bucket)
     assert any(k.startswith("results/shared/stats/") for k in keys)
     merged_name = Path(result["merged_path"]).name
-    assert {f"results/shared/merged/{merged_name}/{n}" for n in local_merge} <= keys
-    assert not any(".shards/" in k for k in keys), "staged shards are removed once assembled"
+    assert {f"results/shared/merged/{merged_name}/{n}" for n in [*local_merge, ".metamerge-shared.json"]} <= keys
+    assert not any(".shards/" in k for k in keys), "shards go straight to the merged folder"
+    assert _open_uploads(s3_endpoint, bucket) == []
     assert sum(1 for k in keys if k.startswith("results/") and "/shared/" not in k) >= 5  # Prefect task results
     assert result["scores"] and result["published"]
     manifest = latest_manifest(f"s3://{bucket}/merges", "zoo-dask", s3_endpoint)
     assert manifest is not None and set(local_merge) <= set(manifest["files"])
 
 
-def test_worker_killed_mid_shard_is_retried_elsewhere(zoo, s3_endpoint, bucket, api, local_merge, tmp_path, monkeypatch):
-    from distributed import Client, LocalCluster
-
+def test_workers_with_their_own_disks_move_only_their_shards_bytes(zoo, s3_endpoint, bucket, api, local_merge, tmp_path,
+                                                                   s3_zoo):
+    """No shared folder at all: inputs by range, shards uploaded in place, finalize downloads no tensor."""
     from metamerge_prefect.flows.merge_flow import merge_flow
+    from tests.daskworkers import private_workers
+
+    workdir = tmp_path / "wd"
+    with private_workers(workdir, tmp_path / "disks", {"PREFECT_API_URL": api}, [None, None]) as cluster:
+        # merge.device cuda with no GPU worker: falls back to CPU workers, and says so
+        recipe = _recipe(zoo, s3_endpoint, bucket, workdir, s3_zoo, results=f"s3://{bucket}/results",
+                         runner={"kind": "dask", "address": cluster.address}, merge={**MERGE, "device": "cuda"})
+        state = merge_flow(recipe, return_state=True)
+        assert state.is_completed(), state.message
+    result = state.result()
+    assert result["placement"]["notes"] == ["merge.device is cuda but no Dask worker declares a GPU resource: "
+                                            "the merge ran on CPU workers"]
+    assert _committed_files(result, bucket, s3_endpoint, tmp_path) == local_merge
+    report = json.loads(_committed_report(result, bucket, s3_endpoint))
+    fetched: dict[str, int] = {}
+    for shard in report["shards"]:
+        fetched[shard["worker"]] = fetched.get(shard["worker"], 0) + shard["bytes_fetched"]
+    assert len(fetched) == 2 and {w.rsplit("/", 1)[1] for w in fetched} <= {str(p) for p in cluster.pids}
+    everything = sum(_expected_fetch_per_shard(zoo, s3_zoo))
+    inputs = (len(SKILLS) + 1) * s3_zoo["model_bytes"]
+    assert sum(fetched.values()) == everything and everything < 1.05 * inputs
+    assert max(fetched.values()) < 0.9 * inputs, fetched  # a worker moved its shards' bytes, not every input
+    print(f"bytes fetched per worker: {fetched} (inputs: {inputs})")
+    # nothing on any worker's disk but small files: no input download, no shard left, no merged tensor fetched
+    for disk in cluster.folders:
+        big = [p for p in disk.rglob("*") if p.is_file() and p.stat().st_size > 64 * 1024]
+        assert big == [], big
+    assert _open_uploads(s3_endpoint, bucket) == []
+
+
+def _committed_report(result, bucket, s3_endpoint) -> str:
+    from metamerge.io.s3 import s3_client
+
+    name = Path(result["merged_path"]).name
+    key = f"results/shared/merged/{name}.report.json"
+    return s3_client(s3_endpoint).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+def test_worker_killed_mid_upload_leaves_nothing_visible_and_is_retried_elsewhere(
+        zoo, s3_endpoint, bucket, api, local_merge, tmp_path, s3_zoo):
+    from metamerge.io.s3 import s3_client
+    from metamerge_prefect.flows.merge_flow import merge_flow
+    from tests.daskworkers import private_workers
 
     marker = tmp_path / "hung-worker.pid"
-    # read by the worker processes at start: the first shard task to reach mid-shard hangs there
-    monkeypatch.setenv("METAMERGE_TEST_HANG_AT", "merge-shard")
-    monkeypatch.setenv("METAMERGE_TEST_HANG_MARKER", str(marker))
-    monkeypatch.setenv("METAMERGE_TEST_HANG_ONCE", "1")
-    killed: dict[str, int] = {}
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="3GiB",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        pids_before = set(client.run(os.getpid).values())
-        assert len(pids_before) == 2
+    # the first shard task to have uploaded its parts hangs before returning: its upload stays open
+    env = {"PREFECT_API_URL": api, "METAMERGE_TEST_HANG_AT": "stage-upload", "METAMERGE_TEST_HANG_MARKER": str(marker),
+           "METAMERGE_TEST_HANG_ONCE": "1"}
+    seen: dict[str, object] = {}
+    workdir = tmp_path / "wd"
+    with private_workers(workdir, tmp_path / "disks", env, [None, None]) as cluster:
 
         def kill_when_hung() -> None:
-            wait_for(lambda: marker.exists() and marker.read_text().strip(), 300, "a shard task to hang", step=0.2)
-            pid = int(marker.read_text())
-            killed["pid"] = pid
-            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: marker.exists() and marker.read_text().strip(), 300, "a shard upload to hang", step=0.2)
+            listed = s3_client(s3_endpoint).list_objects_v2(Bucket=bucket, Prefix="results/shared/merged/")
+            seen["visible"] = [o["Key"] for o in listed.get("Contents", []) if o["Key"].endswith(".safetensors")]
+            seen["open"] = _open_uploads(s3_endpoint, bucket)
+            seen["pid"] = int(marker.read_text())
+            os.kill(int(marker.read_text()), signal.SIGKILL)
 
         killer = threading.Thread(target=kill_when_hung, daemon=True)
         killer.start()
-        recipe = _recipe(zoo, s3_endpoint, bucket, tmp_path / "wd", results=f"s3://{bucket}/results",
-                         runner={"kind": "dask", "address": cluster.scheduler_address})
+        recipe = _recipe(zoo, s3_endpoint, bucket, workdir, s3_zoo, results=f"s3://{bucket}/results",
+                         runner={"kind": "dask", "address": cluster.address})
         state = merge_flow(recipe, return_state=True)
         killer.join(timeout=5)
         assert state.is_completed(), state.message
-        assert killed.get("pid") in pids_before, (killed, pids_before)
-        with pytest.raises(ProcessLookupError):
-            os.kill(killed["pid"], 0)
+        assert seen.get("pid") in cluster.pids, (seen, cluster.pids)
+        killed = cluster.processes[cluster.pids.index(seen["pid"])]
+        assert killed.wait(timeout=10) == -signal.SIGKILL  # the worker is gone, not restarted
 
+    assert seen["visible"] == [], "a staged shard is invisible until finalize commits it"
+    # the hung worker's upload is open (the other worker may be mid-upload of another shard)
+    assert seen["open"] and all(k.startswith("results/shared/merged/") and k.endswith(".safetensors")
+                                for k in seen["open"]), seen["open"]
+    assert _open_uploads(s3_endpoint, bucket) == [], "the killed attempt's upload was aborted"
     result = state.result()
-    assert _files(result["merged_path"]) == local_merge
-    report = json.loads(Path(result["merged_path"] + ".report.json").read_text())
-    workers = {s["worker"].rsplit("/", 1)[1] for s in report["shards"]}
-    assert str(killed["pid"]) not in workers, "every shard's final result came from a live worker"
+    assert _committed_files(result, bucket, s3_endpoint, tmp_path) == local_merge
+    report = json.loads(_committed_report(result, bucket, s3_endpoint))
+    assert str(seen["pid"]) not in {s["worker"].rsplit("/", 1)[1] for s in report["shards"]}
     # one task run per shard, each Completed; the killed shard's run has run twice (two Running states)
     shards = _shard_names(local_merge)
     runs = [r for r in _subflow_task_runs(state, expect=shards | {"finalize merge"}) if r.name.startswith("merge shard")]
@@ -189,3 +299,26 @@ def test_worker_killed_mid_shard_is_retried_elsewhere(zoo, s3_endpoint, bucket, 
     with get_client(sync_client=True) as client:
         running = {r.name: sum(s.type.value == "RUNNING" for s in client.read_task_run_states(r.id)) for r in runs}
     assert sorted(running.values()) == [1] * (len(runs) - 1) + [2], running
+
+
+def test_gpu_work_goes_to_the_worker_that_declares_a_gpu(zoo, s3_endpoint, bucket, api, tmp_path, s3_zoo):
+    """Placement by Dask worker resources: merge shards and every evaluation run on the GPU worker only."""
+    from metamerge_prefect.flows.merge_flow import merge_flow
+    from tests.daskworkers import private_workers
+
+    workdir = tmp_path / "wd"
+    with private_workers(workdir, tmp_path / "disks", {"PREFECT_API_URL": api}, [None, "GPU=1"]) as cluster:
+        recipe = _recipe(zoo, s3_endpoint, bucket, workdir, s3_zoo, results=f"s3://{bucket}/results",
+                         runner={"kind": "dask", "address": cluster.address}, merge={**MERGE, "device": "auto"},
+                         evaluation={"tasks_dir": str(zoo.tasks_dir), "batch_size": 32, "limit": 4, "device": "auto"})
+        state = merge_flow(recipe, return_state=True)
+        assert state.is_completed(), state.message
+    result = state.result()
+    assert result["placement"]["gpu_workers"] == 1
+    assert result["placement"]["merge_on_gpu"] and result["placement"]["evaluation_on_gpu"]
+    report = json.loads(_committed_report(result, bucket, s3_endpoint))
+    assert {s["worker"].rsplit("/", 1)[1] for s in report["shards"]} == {str(cluster.pids[1])}
+    # every evaluation wrote its scores on the GPU worker's own disk, none on the other's
+    jobs = 3 * len(SKILLS)  # the base and the merged model on every skill's task, each fine-tune on its own
+    assert len(list((cluster.folders[1] / "scores").glob("*.json"))) == jobs
+    assert not (cluster.folders[0] / "scores").exists()

@@ -63,19 +63,33 @@ def read_header(path: Path, label: str) -> tuple[int, dict[str, TensorInfo], dic
         size = path.stat().st_size
         with open(path, "rb") as fh:
             prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{label}: {path.name} is not a safetensors file (only {size} bytes)")
-            length = int.from_bytes(prefix, "little")
-            if length > min(MAX_HEADER_BYTES, size - 8):
-                raise CheckpointError(f"{label}: {path.name} is truncated or not safetensors (header of {length} bytes, file of {size})")
-            header = json.loads(fh.read(length))
+            length = header_length(prefix, size, label, path.name)
+            raw = fh.read(length)
     except OSError as exc:
         raise CheckpointError(f"{label}: cannot read {path.name} ({exc.strerror})") from None
+    return parse_header(raw, size, label, path.name)
+
+
+def header_length(prefix: bytes, size: int, label: str, filename: str) -> int:
+    """The header's byte count from a file's first 8 bytes, checked against the file's size."""
+    if len(prefix) < 8:
+        raise CheckpointError(f"{label}: {filename} is not a safetensors file (only {size} bytes)")
+    length = int.from_bytes(prefix[:8], "little")
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise CheckpointError(f"{label}: {filename} is truncated or not safetensors (header of {length} bytes, file of {size})")
+    return length
+
+
+def parse_header(raw: bytes, size: int, label: str, filename: str,
+                 ) -> tuple[int, dict[str, TensorInfo], dict[str, tuple[int, int]]]:
+    """The header's JSON (bytes 8 … 8+len) of a file of `size` bytes: local and ranged reads share it."""
+    try:
+        header = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"{label}: {path.name} has a corrupt safetensors header") from None
+        raise CheckpointError(f"{label}: {filename} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{label}: {path.name} has a corrupt safetensors header")
-    data_start = 8 + length
+        raise CheckpointError(f"{label}: {filename} has a corrupt safetensors header")
+    data_start = 8 + len(raw)
     infos: dict[str, TensorInfo] = {}
     ranges: dict[str, tuple[int, int]] = {}
     for name, entry in header.items():
@@ -84,15 +98,15 @@ def read_header(path: Path, label: str) -> tuple[int, dict[str, TensorInfo], dic
         try:
             code, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{label}: {path.name} has a corrupt entry for tensor {name!r}") from None
+            raise CheckpointError(f"{label}: {filename} has a corrupt entry for tensor {name!r}") from None
         if code not in CODE_DTYPES:
-            raise CheckpointError(f"{label}: tensor {name!r} in {path.name} has unsupported dtype {code}")
+            raise CheckpointError(f"{label}: tensor {name!r} in {filename} has unsupported dtype {code}")
         info = TensorInfo(name, CODE_DTYPES[code], shape)
         if end - begin != info.nbytes or begin < 0:
-            raise CheckpointError(f"{label}: tensor {name!r} in {path.name} has inconsistent byte offsets")
+            raise CheckpointError(f"{label}: tensor {name!r} in {filename} has inconsistent byte offsets")
         if data_start + end > size:
             raise CheckpointError(
-                f"{label}: {path.name} is truncated (tensor {name!r} needs {data_start + end} bytes, file has {size})"
+                f"{label}: {filename} is truncated (tensor {name!r} needs {data_start + end} bytes, file has {size})"
             )
         infos[name] = info
         ranges[name] = (data_start + begin, data_start + end)
@@ -115,7 +129,7 @@ class CheckpointReader:
         self._range: dict[str, tuple[int, int]] = {}
         self._fds: dict[str, int] = {}
         for file in self._shard_files():
-            _, infos, ranges = read_header(self.dir / file, self.label)
+            _, infos, ranges = self._header(file)
             for name, info in infos.items():
                 if name in self._file_of:
                     raise CheckpointError(f"{self.label}: tensor {name!r} appears in two shards")
@@ -139,6 +153,9 @@ class CheckpointReader:
         if not files:
             raise CheckpointError(f"{self.label}: no .safetensors files in {self.dir}")
         return files
+
+    def _header(self, file: str) -> tuple[int, dict[str, TensorInfo], dict[str, tuple[int, int]]]:
+        return read_header(self.dir / file, self.label)
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
@@ -177,20 +194,32 @@ class CheckpointReader:
         info = self._info.get(name)
         if info is None:
             raise CheckpointError(f"{self.label}: has no tensor {name!r}")
+        _, begin, end = self.byte_range(name, rows)
+        if out.dtype != info.dtype or not out.is_contiguous() or out.numel() * out.element_size() != end - begin:
+            raise CheckpointError(f"{self.label}: buffer does not fit tensor {name!r}")
+        if end > begin:
+            self._read_range(name, self._file_of[name], begin, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+
+    def _read_range(self, name: str, file: str, begin: int, view: memoryview) -> None:
+        """Fills `view` with the bytes of `file` from `begin` on (pread: no mmap, no page-cache RSS)."""
+        fd, done = self._fd(file), 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], begin + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.label}: short read of tensor {name!r} (file changed or truncated?)")
+            done += got
+
+    def byte_range(self, name: str, rows: tuple[int, int] | None = None) -> tuple[str, int, int]:
+        """(file, begin, end) of a tensor or its rows [r0, r1): what a ranged reader fetches."""
+        info = self._info[name]
         begin, end = self._range[name]
         if rows is not None and info.shape:
             row_bytes = info.nbytes // max(info.shape[0], 1)
             begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
-        if out.dtype != info.dtype or not out.is_contiguous() or out.numel() * out.element_size() != end - begin:
-            raise CheckpointError(f"{self.label}: buffer does not fit tensor {name!r}")
-        if end > begin:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            fd, done = self._fd(self._file_of[name]), 0
-            while done < end - begin:
-                got = os.preadv(fd, [view[done:]], begin + done)
-                if got <= 0:
-                    raise CheckpointError(f"{self.label}: short read of tensor {name!r} (file changed or truncated?)")
-                done += got
+        return self._file_of[name], begin, end
+
+    def expect(self, reads: list[tuple[str, tuple[int, int] | None]]) -> None:
+        """The reads to come, in order: a local file needs no plan (a ranged reader fetches ahead)."""
 
     def read_f32_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Fills a flat float32 buffer with the piece, converting when stored otherwise; returns it."""

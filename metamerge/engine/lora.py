@@ -20,7 +20,9 @@ import torch
 from safetensors import safe_open
 
 from metamerge.engine.checkpoint import CheckpointReader, TensorInfo
+from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.errors import CheckpointError
+from metamerge.io.ranged import RemoteModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -168,8 +170,8 @@ class LoraAdapter:
 class LoraReader:
     """A fine-tune that is base + adapter, read like a CheckpointReader (names, shapes, dtypes: the base's)."""
 
-    def __init__(self, base_dir: Path, adapter_dir: Path, label: str):
-        self.base = CheckpointReader(base_dir, label="base")
+    def __init__(self, base_dir: ModelSource, adapter_dir: Path, label: str):
+        self.base = open_checkpoint(base_dir, "base")
         self.adapter = LoraAdapter(adapter_dir, label, self.base)
         self.label = label
 
@@ -214,13 +216,18 @@ class LoraReader:
         else:
             out.copy_(base_f32)
 
+    def expect(self, reads: list[tuple[str, tuple[int, int] | None]]) -> None:
+        """Adapters are small and read whole; the base rows come from the merge's own base reader."""
+
     def close(self) -> None:
         self.base.close()
 
 
-def open_finetune(base_dir: Path, folder: Path, label: str) -> CheckpointReader | LoraReader:
-    """A fine-tune's reader: a full checkpoint, or base + adapter when the folder is a PEFT adapter."""
-    return LoraReader(base_dir, folder, label) if is_adapter(folder) else CheckpointReader(folder, label=label)
+def open_finetune(base_dir: ModelSource, folder: ModelSource, label: str) -> CheckpointReader | LoraReader:
+    """A fine-tune's reader: a full checkpoint (local or in S3), or base + adapter for a PEFT adapter folder."""
+    if not isinstance(folder, RemoteModel) and is_adapter(folder):
+        return LoraReader(base_dir, folder, label)
+    return open_checkpoint(folder, label)
 
 
 def _same_local_model(a: Path, b: Path) -> bool:
@@ -264,7 +271,7 @@ def check_adapter_base(adapter_dir: Path, label: str, base_ref: str, base_path: 
     if not named:
         return
     local = Path(named).expanduser()
-    if local.is_dir():
+    if local.is_dir() and Path(base_path).is_dir():  # a base read in place from S3 cannot be compared
         same = _same_local_model(local, Path(base_path))
     elif base_ref.startswith("hf://"):
         same = named == base_ref.removeprefix("hf://").split("@", 1)[0]

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from metamerge.engine.checkpoint import CheckpointReader
+from metamerge.engine.checkpoint import TensorInfo
 from metamerge.engine.coefficients import Coefficients
 from metamerge.engine.merge import MergeReport, link_or_copy, set_config_dtype
+from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.engine.streaming import MergeJob, ProgressFn, output_plan, rounding_loss, stream_merge
 from metamerge.engine.writer import (
     ShardedWriter,
@@ -35,9 +36,9 @@ from metamerge.methods.plan import MergePlan
 # --- one output shard per call (scale-out: docs/design.md §9) ------------------------------------------
 
 
-def output_shard_files(base_dir: Path, dtype: str = "auto", shard_size_mb: float = 2000) -> list[str]:
+def output_shard_files(base_dir: ModelSource, dtype: str = "auto", shard_size_mb: float = 2000) -> list[str]:
     """File names of the output shards, from the base's header alone: how many shard tasks to start."""
-    tensors = output_plan(CheckpointReader(base_dir, label="base"), dtype)
+    tensors = output_plan(open_checkpoint(base_dir, "base"), dtype)
     return shard_filenames(len(group_into_shards(tensors, shard_size_mb * 1024 * 1024)))
 
 
@@ -62,8 +63,8 @@ class ShardReport:
 
 
 def merge_shard_file(
-    base_dir: Path, finetunes: list[tuple[str, Path]], coefficients: Coefficients, plan: MergePlan, out_dir: Path,
-    index: int, *, dtype: str = "auto", device: str = "auto", shard_size_mb: float = 2000, vocab: str = "base",
+    base_dir: ModelSource, finetunes: list[tuple[str, ModelSource]], coefficients: Coefficients, plan: MergePlan,
+    out_dir: Path, index: int, *, dtype: str = "auto", device: str = "auto", shard_size_mb: float = 2000, vocab: str = "base",
     progress: ProgressFn | None = None,
 ) -> ShardReport:
     """Merges only the tensors of output shard `index` into `out_dir/<its file name>`.
@@ -102,7 +103,7 @@ def merge_shard_file(
 
 
 def assemble_shard_files(
-    base_dir: Path,
+    base_dir: ModelSource,
     shards: list[ShardReport],
     labels: list[str],
     out_dir: Path,
@@ -119,12 +120,7 @@ def assemble_shard_files(
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
-    tensors_out = output_plan(CheckpointReader(base_dir, label="base"), dtype)
-    planned = group_into_shards(tensors_out, shard_size_mb * 1024 * 1024)
-    filenames = shard_filenames(len(planned))
-    got = sorted(report.filename for report in shards)
-    if got != sorted(filenames):
-        raise CheckpointError(f"finalize: shards {got} do not match the plan {filenames}")
+    tensors_out, planned, filenames = planned_shards(base_dir, shards, dtype, shard_size_mb)
     outputs.check_output(out_dir, existing)
     with writing(out_dir):
         temp = outputs.make_temp(out_dir)
@@ -140,16 +136,34 @@ def assemble_shard_files(
     except BaseException:
         temp.discard()
         raise
+    return sum_shard_reports(shards, labels, out_dir, len(tensors_out), time.monotonic() - started)
+
+
+def planned_shards(base_dir: ModelSource, shards: list[ShardReport], dtype: str, shard_size_mb: float,
+                   ) -> tuple[list[TensorInfo], list[list[TensorInfo]], list[str]]:
+    """The whole merge's output plan (tensors, shards, file names), checked against the shards made."""
+    tensors_out = output_plan(open_checkpoint(base_dir, "base"), dtype)
+    planned = group_into_shards(tensors_out, shard_size_mb * 1024 * 1024)
+    filenames = shard_filenames(len(planned))
+    got = sorted(report.filename for report in shards)
+    if got != sorted(filenames):
+        raise CheckpointError(f"finalize: shards {got} do not match the plan {filenames}")
+    return tensors_out, planned, filenames
+
+
+def sum_shard_reports(shards: list[ShardReport], labels: list[str], out_dir: Path, tensors: int,
+                      seconds: float) -> MergeReport:
+    """The whole model's report from its shards' partial sums (gram, bytes, rounding)."""
     gram = torch.zeros((len(labels), len(labels)), dtype=torch.float64)
     for report in shards:
         gram += torch.tensor(report.gram, dtype=torch.float64)
     merged = sum(report.merged_tensors for report in shards)
     ordered = sorted(shards, key=lambda r: r.index)
     return MergeReport(
-        out_dir=out_dir, device=ordered[0].device, tensors=len(tensors_out), merged_tensors=merged,
-        copied_tensors=len(tensors_out) - merged, bytes_read=sum(r.bytes_read for r in shards),
+        out_dir=out_dir, device=ordered[0].device, tensors=tensors, merged_tensors=merged,
+        copied_tensors=tensors - merged, bytes_read=sum(r.bytes_read for r in shards),
         bytes_written=sum(r.bytes_written for r in shards),
-        seconds=sum(r.seconds for r in shards) + time.monotonic() - started, gram=gram.tolist(), labels=labels,
+        seconds=sum(r.seconds for r in shards) + seconds, gram=gram.tolist(), labels=labels,
         delta_rounding_loss=rounding_loss(sum(r.rounding_num for r in shards), sum(r.rounding_den for r in shards)),
         base_sq_norm=sum(r.base_sq_norm for r in shards), dropped_rows=ordered[0].dropped_rows,
     )

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -22,6 +21,7 @@ from metamerge.engine.checkpoint import CheckpointReader, TensorInfo, row_chunks
 from metamerge.engine.coefficients import Coefficients
 from metamerge.engine.compat import Alignment, align, aligned_rows, is_vocab_tensor, tied_aliases
 from metamerge.engine.lora import LoraReader, open_finetune
+from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.engine.writer import (
     ShardedWriter,
 )
@@ -156,11 +156,11 @@ def _linear_piece_blocked(
 class MergeJob:
     """The inputs of one merge, opened and aligned, and its output plan (shared by every entry point)."""
 
-    def __init__(self, base_dir: Path, finetunes: list[tuple[str, Path]], coefficients: Coefficients,
+    def __init__(self, base_dir: ModelSource, finetunes: list[tuple[str, ModelSource]], coefficients: Coefficients,
                  plan: MergePlan, dtype: str, device: str, vocab: str):
         self.device = resolve_device(device)
-        self.base = CheckpointReader(base_dir, label="base")
-        self.base_label = f"base {Path(base_dir)}"
+        self.base = open_checkpoint(base_dir, "base")
+        self.base_label = f"base {getattr(base_dir, 'ref', base_dir)}"
         readers = [open_finetune(base_dir, path, label) for label, path in finetunes]
         self.pairs = [(reader, align(self.base, reader, vocab)) for reader in readers]
         self.labels = [label for label, _ in finetunes]
@@ -226,6 +226,7 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
     base, plan, labels, coefficients, compute_device = job.base, job.plan, job.labels, job.coefficients, job.device
     inputs = _Inputs(base, job.pairs, compute_device)
     aliases = tied_aliases(base) if plan.random else {}
+    _expect_reads(job, work)
     capacity = checkpoint.CHUNK_ELEMENTS  # whole tensors larger than this (TIES only) get their own buffers
     workspaces = [_Workspace(len(labels) + 1, capacity, compute_device.type == "cuda") for _ in range(2)]
     totals = _Totals(gram=torch.zeros((len(labels), len(labels)), dtype=torch.float64))
@@ -274,6 +275,14 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
         if pending_write is not None:
             pending_write.result()
     return totals
+
+
+def _expect_reads(job: MergeJob, work: list) -> None:
+    """Tells every reader the pieces to come, in order: ranged (S3) readers fetch them ahead."""
+    job.base.expect([(info.name, rows) for info, rows in work])
+    floats = [(info, rows) for info, rows in work if job.base.info(info.name).is_float]
+    for reader, alignment in job.pairs:
+        reader.expect([(info.name, aligned_rows(alignment, info.name, rows)) for info, rows in floats])
 
 
 def rounding_loss(num: float, den: float) -> float:

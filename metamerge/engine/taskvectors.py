@@ -18,7 +18,9 @@ from metamerge.engine import checkpoint
 from metamerge.engine.checkpoint import CheckpointReader, row_chunks
 from metamerge.engine.compat import align, aligned_rows, tied_aliases
 from metamerge.engine.lora import LoraReader, open_finetune
+from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.errors import CheckpointError
+from metamerge.io.ranged import RemoteModel
 from metamerge.methods.kernels import chunked, sq_norm, sq_norm_after_sparsify
 from metamerge.methods.plan import MergePlan
 
@@ -69,7 +71,7 @@ def check_relative_norms(norms: dict[str, float], bound: float | None) -> None:
 
 
 def extract_stats(
-    base_dir: Path, finetune_dir: Path, label: str, plan: MergePlan | None = None, vocab: str = "base"
+    base_dir: ModelSource, finetune_dir: ModelSource, label: str, plan: MergePlan | None = None, vocab: str = "base"
 ) -> TaskVectorStats:
     """‖τ‖² per float tensor (after the plan's sparsification when it has one), in float64 sums.
 
@@ -93,7 +95,7 @@ class _Sums:
 
 
 def extract_stats_many(
-    base_dir: Path, finetunes: list[tuple[Path, str]], plan: MergePlan | None = None, vocab: str = "base"
+    base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]], plan: MergePlan | None = None, vocab: str = "base"
 ) -> list[TaskVectorStats]:
     """`extract_stats` of several fine-tunes in one pass that reads each base tensor once.
 
@@ -102,7 +104,7 @@ def extract_stats_many(
     repeated reads are gone ((T+1) model reads instead of 2T).
     """
     plan = plan or MergePlan()
-    base = CheckpointReader(base_dir, label="base")
+    base = open_checkpoint(base_dir, "base")
     results: dict[str, TaskVectorStats] = {}
     sums: list[_Sums] = []
     for finetune_dir, label in finetunes:
@@ -115,6 +117,7 @@ def extract_stats_many(
     capacity = checkpoint.CHUNK_ELEMENTS
     aliases = tied_aliases(base) if plan.random else {}
     ft_buffer, base_buffer = torch.empty(capacity), torch.empty(capacity)
+    _expect_reads(base, sums, plan, capacity)
     for name in base.names if sums else []:
         info = base.info(name)
         if not info.is_float:
@@ -134,7 +137,7 @@ def extract_stats_many(
                                                     rows[0] if rows else 0,
                                                     info.shape[-1] if len(info.shape) > 1 else None)
         if not math.isfinite(base_sq):
-            raise CheckpointError(f"base {Path(base_dir)}: tensor {name!r} contains NaN or Inf")
+            raise CheckpointError(f"base {getattr(base_dir, 'ref', base_dir)}: tensor {name!r} contains NaN or Inf")
         base_total += base_sq
         for ft, value, raw_sq in zip(sums, values, raws, strict=True):
             if not math.isfinite(value) or not math.isfinite(raw_sq):
@@ -150,6 +153,15 @@ def extract_stats_many(
     return [results[label] for _, label in finetunes]
 
 
+def _expect_reads(base: CheckpointReader, sums: list[_Sums], plan: MergePlan, capacity: int) -> None:
+    """The pass's reads in its order, so ranged (S3) readers fetch them ahead."""
+    pieces = [(name, rows) for name in base.names if base.info(name).is_float and sums
+              for rows in (row_chunks(base.info(name), capacity) if chunked(plan) else [None])]
+    base.expect(pieces)
+    for ft in sums:
+        ft.reader.expect([(name, aligned_rows(ft.alignment, name, rows)) for name, rows in pieces])
+
+
 def _read_f32(reader: CheckpointReader, name: str, rows: tuple[int, int] | None, buffer: torch.Tensor) -> torch.Tensor:
     """A float32 flat view of the piece, in `buffer` when it fits (no allocation)."""
     n = math.prod(reader.piece_shape(name, rows))
@@ -158,14 +170,14 @@ def _read_f32(reader: CheckpointReader, name: str, rows: tuple[int, int] | None,
     return reader.read_f32_into(name, buffer[:n], rows)
 
 
-def _adapter_stats(base_dir: Path, base: CheckpointReader, finetune: LoraReader, label: str) -> TaskVectorStats:
+def _adapter_stats(base_dir: ModelSource, base: CheckpointReader, finetune: LoraReader, label: str) -> TaskVectorStats:
     """‖τ‖² of an adapter from r×r products; only `modules_to_save` tensors are read whole.
 
     ‖θ₀‖² (for the relative norm) is read once per base and process, so extracting several
     adapters of one base costs one base read plus the adapters' own bytes.
     """
     adapter = finetune.adapter
-    base_norms = base_sq_norms(Path(base_dir))
+    base_norms = base_sq_norms(base_dir)
     sq_norms: dict[str, float] = {}
     numel = changed = 0
     for name in base.names:
@@ -191,12 +203,15 @@ def _adapter_stats(base_dir: Path, base: CheckpointReader, finetune: LoraReader,
 _BASE_NORMS: dict[tuple, dict[str, float]] = {}
 
 
-def base_sq_norms(base_dir: Path) -> dict[str, float]:
-    """‖θ₀‖² per float tensor, remembered per base folder and file state (size, mtime) in this process."""
-    files = sorted(base_dir.glob("*.safetensors"))
-    key = (str(base_dir.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+def base_sq_norms(base_dir: ModelSource) -> dict[str, float]:
+    """‖θ₀‖² per float tensor, remembered per base (folder and file state, or S3 listing) in this process."""
+    if isinstance(base_dir, RemoteModel):
+        key: tuple = (base_dir.fingerprint,)
+    else:
+        files = sorted(base_dir.glob("*.safetensors"))
+        key = (str(base_dir.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     if key not in _BASE_NORMS:
-        base = CheckpointReader(base_dir, label="base")
+        base = open_checkpoint(base_dir, "base")
         norms = {}
         for name in base.names:
             info = base.info(name)

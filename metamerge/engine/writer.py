@@ -17,6 +17,7 @@ import torch
 
 from metamerge.engine.checkpoint import DTYPE_CODES, INDEX_NAME, SINGLE_NAME, CheckpointReader, TensorInfo, read_header
 from metamerge.errors import CheckpointError
+from metamerge.io.ranged import RemoteModel, get_range
 
 
 def group_into_shards(tensors: Iterable[TensorInfo], max_shard_bytes: int) -> list[list[TensorInfo]]:
@@ -135,7 +136,11 @@ def verify_shard(path: Path, expected: list[TensorInfo]) -> None:
 
 def verify_checkpoint(model_dir: Path, expected: list[TensorInfo]) -> None:
     """Re-opens every shard from disk and checks it holds exactly the planned tensors."""
-    reader = CheckpointReader(model_dir, label=f"written checkpoint {model_dir.name}")
+    verify_reader(CheckpointReader(model_dir, label=f"written checkpoint {model_dir.name}"), expected)
+
+
+def verify_reader(reader: CheckpointReader, expected: list[TensorInfo]) -> None:
+    """The checkpoint a reader sees (on disk or in S3) holds exactly the planned tensors."""
     want = {info.name: info for info in expected}
     got = set(reader.names)
     if got != set(want):
@@ -149,14 +154,21 @@ def verify_checkpoint(model_dir: Path, expected: list[TensorInfo]) -> None:
 AUX_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
 
-def copy_aux_files(source_dir: Path, out_dir: Path) -> list[str]:
-    """Config, tokenizer and generation files come from the base: a merge changes only weights."""
+def is_aux_file(name: str) -> bool:
+    return not name.startswith(".") and name != INDEX_NAME and Path(name).suffix not in AUX_SKIP_SUFFIXES
+
+
+def copy_aux_files(source_dir: Path | RemoteModel, out_dir: Path) -> list[str]:
+    """Config, tokenizer and generation files come from the base (a folder, or in S3): a merge changes only weights."""
     copied = []
+    if isinstance(source_dir, RemoteModel):
+        for name in sorted(n for n in source_dir.files if is_aux_file(n)):
+            (out_dir / name).write_bytes(get_range(source_dir, name, 0, source_dir.files[name].size)
+                                         if source_dir.files[name].size else b"")
+            copied.append(name)
+        return copied
     for file in sorted(Path(source_dir).iterdir()):
-        if not file.is_file() or file.name.startswith(".") or file.name == INDEX_NAME:
-            continue
-        if file.suffix in AUX_SKIP_SUFFIXES:
-            continue
-        shutil.copy2(file, out_dir / file.name)
-        copied.append(file.name)
+        if file.is_file() and is_aux_file(file.name):
+            shutil.copy2(file, out_dir / file.name)
+            copied.append(file.name)
     return copied

@@ -75,9 +75,16 @@ def model_files(model_dir: Path) -> list[Path]:
 def fingerprint_dir(model_dir: Path, cache: DigestCache | None = None) -> str:
     """sha256 over (relative name, size, sha256) of every file: equal content, equal print."""
     cache = cache or DigestCache(None)
-    outer = hashlib.sha256()
-    for file in model_files(model_dir):
-        rel = file.relative_to(model_dir).as_posix()
-        outer.update(f"{rel}\0{file.stat().st_size}\0{cache.digest(file)}\n".encode())
+    entries = {file.relative_to(model_dir).as_posix(): {"size": file.stat().st_size, "sha256": cache.digest(file)}
+               for file in model_files(model_dir)}
     cache.save()
+    return fingerprint_of(entries)
+
+
+def fingerprint_of(entries: dict[str, dict]) -> str:
+    """`fingerprint_dir` of a folder known only by its listing {name: {size, sha256}} (hidden names skipped)."""
+    outer = hashlib.sha256()
+    for rel in sorted(entries):
+        if not any(part.startswith(".") for part in rel.split("/")):
+            outer.update(f"{rel}\0{entries[rel]['size']}\0{entries[rel]['sha256']}\n".encode())
     return outer.hexdigest()

@@ -43,10 +43,14 @@ def write_output_marker(folder: Path, kind: str = "merge") -> None:
 
     Nothing time-dependent: two merges of the same inputs stay byte-identical, marker included.
     """
+    (Path(folder) / OUTPUT_MARKER).write_text(output_marker_text(_listing(Path(folder)), kind))
+
+
+def output_marker_text(files: dict[str, int], kind: str = "merge") -> str:
+    """The marker of a folder holding `files` (name → size), also for one assembled in S3 (finalize in place)."""
     from metamerge import __version__
 
-    record = {"tool": "metamerge", "version": __version__, "kind": kind, "files": _listing(Path(folder))}
-    (Path(folder) / OUTPUT_MARKER).write_text(json.dumps(record, indent=1))
+    return json.dumps({"tool": "metamerge", "version": __version__, "kind": kind, "files": files}, indent=1)
 
 
 def read_output_marker(folder: Path) -> dict | None:

@@ -52,13 +52,16 @@ def error_code(exc: ClientError) -> str:
     return exc.response.get("Error", {}).get("Code", "")
 
 
-def s3_client(endpoint_url: str | None = None, fast: bool = False):
-    """boto3 S3 client; `fast` (preflight checks) gives up after one retry and a 3 s connect timeout."""
+def s3_client(endpoint_url: str | None = None, fast: bool = False, connections: int = 10):
+    """boto3 S3 client; `fast` (preflight checks) gives up after one retry and a 3 s connect timeout.
 
+    `connections` sizes the connection pool for clients shared by many threads (ranged reads).
+    """
     if fast:
         config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=10)
     else:
-        config = Config(retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+        config = Config(retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+                        max_pool_connections=connections)
     return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), config=config)
 
 

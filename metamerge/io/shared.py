@@ -11,6 +11,7 @@ file system (NFS, EFS, a LocalCluster), and `ensure` says so clearly when a file
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -24,12 +25,16 @@ from metamerge.io.s3 import (
     S3_FAILURES,
     BotoCoreError,
     ClientError,
+    error_code,
     s3_client,
     s3_error,
     unwrap_upload_error,
     upload_unless_present,
 )
+from metamerge.io.staged import StagedUpload, abort_stale_uploads, complete_staged, stage_upload
 from metamerge.io.targets import parse_target
+
+FOLDER_MANIFEST = ".metamerge-shared.json"  # written last: a folder in the store exists only once it is there
 
 
 @dataclass(frozen=True)
@@ -48,23 +53,78 @@ class SharedStore:
             raise InputError(f"shared storage: {path} is outside the workdir {root}") from None
         return parse_target(self.uri).join(rel)
 
-    def put(self, path: Path) -> None:
-        """Uploads a workdir file (skipped when the same bytes are already there)."""
+    def put(self, path: Path, as_path: Path | None = None) -> dict:
+        """Uploads a file (skipped when the same bytes are already there) to the key of the workdir path
+        `as_path` (default: its own); returns its {size, sha256} (nothing without a store)."""
         if self.uri is None:
-            return
-        bucket, key, client = parse_target(self.uri).bucket, self._key(path), s3_client(self.endpoint_url)
+            return {}
         meta = {"sha256": sha256_file(Path(path)), "size": Path(path).stat().st_size}
+        bucket, key, client = parse_target(self.uri).bucket, self._key(as_path or path), s3_client(self.endpoint_url)
         try:
             upload_unless_present(client, bucket, key, Path(path), meta)
         except S3_FAILURES as exc:
             raise s3_error(client, f"upload of {path.name} to shared storage", unwrap_upload_error(exc), bucket) from exc
+        return meta
 
     def put_dir(self, folder: Path) -> None:
-        """Every file of a workdir folder, with metamerge's output marker (so a worker that fetches the
-        folder can tell it is complete) but no other hidden file."""
-        for file in sorted(Path(folder).iterdir()):
-            if file.is_file() and (not file.name.startswith(".") or file.name == OUTPUT_MARKER):
-                self.put(file)
+        """Every file of a workdir folder, with metamerge's output marker but no other hidden file; the
+        folder's manifest last, so a worker that fetches the folder sees all of it or none."""
+        if self.uri is None:
+            return
+        entries = {file.name: self.put(file) for file in sorted(Path(folder).iterdir())
+                   if file.is_file() and (not file.name.startswith(".") or file.name == OUTPUT_MARKER)}
+        self.put_manifest(folder, entries)
+
+    def put_manifest(self, folder: Path, entries: dict[str, dict]) -> None:
+        """Commits a folder in the store: {file name: {size, sha256}} of everything it holds."""
+        if self.uri is None:
+            return
+        target, client = parse_target(self.uri), s3_client(self.endpoint_url)
+        body = json.dumps({"files": entries}, indent=1, sort_keys=True).encode()
+        try:
+            client.put_object(Bucket=target.bucket, Key=self._key(Path(folder) / FOLDER_MANIFEST), Body=body)
+        except S3_FAILURES as exc:
+            raise s3_error(client, f"upload of {Path(folder).name}'s manifest to shared storage", exc, target.bucket) from exc
+
+    def manifest(self, folder: Path) -> dict[str, dict] | None:
+        """The committed folder's files {name: {size, sha256}}, or None when it is not (yet) committed."""
+        if self.uri is None:
+            return None
+        target, client = parse_target(self.uri), s3_client(self.endpoint_url)
+        try:
+            body = client.get_object(Bucket=target.bucket, Key=self._key(Path(folder) / FOLDER_MANIFEST))["Body"].read()
+        except ClientError as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise s3_error(client, f"read of {Path(folder).name}'s manifest", exc, target.bucket) from exc
+        except S3_FAILURES as exc:
+            raise s3_error(client, f"read of {Path(folder).name}'s manifest", exc, target.bucket) from exc
+        return json.loads(body)["files"]
+
+    def stage(self, path: Path, final: Path) -> dict:
+        """Uploads a local file to the key of workdir path `final`, left invisible (metamerge/io/staged.py).
+
+        An unfinished upload to the same key (a killed attempt's) is aborted first.
+        """
+        target, client = parse_target(self.uri), s3_client(self.endpoint_url)
+        key = self._key(final)
+        try:
+            abort_stale_uploads(client, target.bucket, key)
+            return stage_upload(client, target.bucket, key, Path(path), sha256_file(Path(path))).to_dict()
+        except S3_FAILURES as exc:
+            raise s3_error(client, f"staged upload of {Path(path).name} to shared storage", exc, target.bucket) from exc
+
+    def commit_staged(self, staged: dict) -> str:
+        """Makes a staged upload visible and checks it; returns the object's ETag."""
+        client = s3_client(self.endpoint_url)
+        try:
+            return complete_staged(client, StagedUpload(**staged))
+        except S3_FAILURES as exc:
+            raise s3_error(client, f"completion of s3://{staged['bucket']}/{staged['key']}", exc, staged["bucket"]) from exc
+
+    def location(self, path: Path) -> tuple[str, str]:
+        """(bucket, key) of a workdir path in the store."""
+        return parse_target(self.uri).bucket, self._key(path)
 
     def exists(self, path: Path) -> bool:
         """On this machine, or in the store (a cheap HEAD): decides whether a cached stage must re-run."""
@@ -97,25 +157,23 @@ class SharedStore:
         return path
 
     def ensure_dir(self, folder: Path) -> Path:
-        """A whole workdir folder (a merged checkpoint), downloaded when missing; swapped in atomically."""
+        """A whole workdir folder (a merged checkpoint), downloaded when missing; swapped in atomically.
+
+        Only a committed folder (its manifest written last) is fetched, and only the files it lists.
+        """
         folder = Path(folder)
         if folder.exists():
             return folder
         if self.uri is None:
             return self.ensure(folder)
-        target, client = parse_target(self.uri), s3_client(self.endpoint_url)
-        prefix = self._key(folder) + "/"
-        try:
-            keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=target.bucket, Prefix=prefix)
-                    for o in page.get("Contents", [])]
-        except S3_FAILURES as exc:
-            raise s3_error(client, f"listing of {prefix}", exc, target.bucket) from exc
-        if not keys:
-            raise InputError(f"{folder} is neither on this machine nor in shared storage s3://{target.bucket}/{prefix}")
+        files = self.manifest(folder)
+        if files is None:
+            raise InputError(f"{folder} is neither on this machine nor committed to shared storage "
+                             f"{self.uri.rstrip('/')}/{self._key(folder)}")
         tmp = folder.parent / f".{folder.name}.fetch-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            for key in keys:
-                self._download(key, tmp / key[len(prefix):])
+            for name in sorted(files):
+                self._download(self._key(folder / name), tmp / name)
             if not folder.exists():
                 tmp.rename(folder)
         finally:

@@ -10,26 +10,29 @@ from metamerge.errors import writing
 from metamerge.io.atomic import write_atomic
 from metamerge.io.shared import SharedStore
 from metamerge.methods.plan import MergePlan
-from metamerge.pipeline.inputs import local_model
+from metamerge.pipeline.inputs import input_source
 from metamerge.pipeline.keys import stats_path
 from metamerge.recipe import Recipe
 from metamerge.refs import ResolvedModel
 
 
 def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: MergePlan, vocab: str, workdir: Path,
-            store: SharedStore | None = None) -> Path:
+            store: SharedStore | None = None, ranged: bool = False) -> Path:
     """Writes ‖τ‖² per tensor to a stats file named by (base, fine-tune, sparsify) content.
 
-    With a shared store (Dask across machines) the file is also put there, for the solve stage.
+    With a shared store (Dask across machines) the file is also put there, for the solve stage;
+    `ranged`: s3:// inputs are streamed by byte range, never stored on this machine.
     """
     out = stats_path(base, finetune, label, plan, vocab, workdir)
     if store is not None and not out.exists() and store.exists(out):
         store.ensure(out)
     if not out.exists():
+        base_source, ft_source = base.path, finetune.path
         if store is not None:
-            base, finetune = local_model(base, store), local_model(finetune, store)
-        check_adapter_base(finetune.path, label, base.ref, base.path)
-        _save(out, extract_stats(base.path, finetune.path, label, _weighed(plan), vocab))
+            base_source, ft_source = input_source(base, store, ranged), input_source(finetune, store, ranged)
+        if isinstance(ft_source, Path):
+            check_adapter_base(ft_source, label, base.ref, Path(base.path))
+        _save(out, extract_stats(base_source, ft_source, label, _weighed(plan), vocab))
     if store is not None:
         store.put(out)
     return out

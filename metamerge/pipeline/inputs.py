@@ -4,19 +4,54 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from metamerge.engine.lora import ADAPTER_CONFIG
 from metamerge.errors import InputError, TransientError
 from metamerge.io.digests import DigestCache
+from metamerge.io.ranged import RemoteModel
 from metamerge.io.shared import SharedStore
 from metamerge.recipe import Recipe
 from metamerge.refs import ResolvedModel, resolve_ref
+from metamerge.refs.s3 import list_s3_model, resolve_s3
 
 
 def digest_cache(workdir: Path) -> DigestCache:
     return DigestCache.in_folder(workdir)
 
 
-def resolve(ref: str, workdir: Path, endpoint_url: str | None = None) -> ResolvedModel:
+def resolve(ref: str, workdir: Path, endpoint_url: str | None = None, download: bool = True) -> ResolvedModel:
+    """`download=False` (Dask with ranged reads): an s3:// ref is only listed; workers read it in place."""
+    if not download and ref.startswith("s3://"):
+        listed = resolve_s3(ref, Path(workdir), endpoint_url, download=False)
+        if not _is_adapter_listing(ref, endpoint_url):
+            return listed
     return resolve_ref(ref, Path(workdir), endpoint_url)
+
+
+def _is_adapter_listing(ref: str, endpoint_url: str | None) -> bool:
+    """A PEFT adapter in S3 is small and read whole (its config decides how it is scored): download it."""
+    return ADAPTER_CONFIG in list_s3_model(ref, endpoint_url)[0].files
+
+
+def reads_in_place(recipe: Recipe) -> bool:
+    """Dask workers read s3:// inputs by byte range instead of downloading them (runner.inputs)."""
+    return recipe.runner.kind == "dask" and recipe.runner.inputs == "ranged"
+
+
+def input_source(model: ResolvedModel, store: SharedStore, ranged: bool) -> Path | RemoteModel:
+    """Where a task on this machine reads `model` from: a local folder, or the S3 objects themselves.
+
+    An s3:// input is read in place when `ranged` (`reads_in_place`) and the model is a full checkpoint
+    (a PEFT adapter is small: it is downloaded). Its listing is made once per task and must
+    give the print the run resolved; every ranged GET then checks the listed ETag.
+    """
+    if Path(model.path).exists() or not (ranged and model.ref.startswith("s3://")):
+        return local_model(model, store).path
+    remote, _ = list_s3_model(model.ref, store.endpoint_url)
+    if remote.fingerprint != model.fingerprint:
+        raise TransientError(f"{model.ref} changed since this run resolved it; re-run to merge the new version")
+    if ADAPTER_CONFIG in remote.files:
+        return local_model(model, store).path
+    return remote
 
 
 def shared_store(recipe: Recipe) -> SharedStore:

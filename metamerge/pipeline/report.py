@@ -40,6 +40,9 @@ def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: C
              f" (granularity {coefficients.granularity}, scale {plan.scale}); {recipe.method.spec.reference}.",
              "", "## Inputs", "", *input_lines(recipe, inputs),
              "", "## Coefficients (λ per fine-tune, model level)", "", *coefficient_lines(recipe, coefficients, merge_report)]
+    placement = merge_report.get("placement")
+    if placement:
+        lines += ["", "## Placement (Dask)", "", *(f"- {note}" for note in placement["notes"])]
     dropped = merge_report.get("dropped_rows") or {}
     if dropped:
         lines += ["", "## Vocabulary rows dropped (vocab: base)", "", "| fine-tune | tensor | rows dropped |",
@@ -68,10 +71,11 @@ def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: C
 
 
 def report_inputs(merge_report: dict, norms: dict[str, float], dropped: dict[str, dict[str, int]],
-                  candidates: list[dict] | None = None) -> dict:
+                  candidates: list[dict] | None = None, placement: dict | None = None) -> dict:
     """The merge's report plus the norms checked before the merge, the vocabulary rows each fine-tune
-    lost and, for a best-of-several recipe, every candidate's scores."""
-    return {**merge_report, "relative_norms": norms, "dropped_rows": dropped, "candidates": candidates or []}
+    lost, for a best-of-several recipe every candidate's scores, and on Dask where GPU work ran."""
+    data = {**merge_report, "relative_norms": norms, "dropped_rows": dropped, "candidates": candidates or []}
+    return {**data, "placement": placement} if placement is not None else data
 
 
 def run_documents(recipe: Recipe, inputs: list[ResolvedModel], coefficients: Coefficients, plan: MergePlan,
