@@ -36,7 +36,14 @@ from metamerge.pipeline.report import cosine_records, report_inputs, report_mark
 from metamerge.recipe import load_any
 from metamerge_prefect.flows.alerts import alert_on_failure
 from metamerge_prefect.flows.best_of import best_of
-from metamerge_prefect.flows.scaleout import gpu_worker_count, merge_by_shard, on_dask, placed, run_on_dask
+from metamerge_prefect.flows.scaleout import (
+    extract_by_shard,
+    gpu_worker_count,
+    merge_by_shard,
+    on_dask,
+    placed,
+    run_on_dask,
+)
 from metamerge_prefect.tasks.assets import register_published_asset
 from metamerge_prefect.tasks.evaluate import evaluate_model
 from metamerge_prefect.tasks.extract import extract_task_vector, extract_together_task
@@ -100,9 +107,14 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         # a task whose stats file is gone is refreshed (its cached path would point at nothing)
         missing = {label for ft, label in zip(finetunes, labels, strict=True)
                    if not stats_available(base, ft, label, plan, rec.merge.vocab, workdir, store)}
+        todo = [ft for ft, label in zip(finetunes, labels, strict=True) if label in missing]
+        extraction_fetch = None
         if len(missing) > 1 and not dask:  # one pass over the base for all of them; the tasks below then find the files
-            extract_together_task(base, [ft for ft, label in zip(finetunes, labels, strict=True) if label in missing],
-                                  [label for label in labels if label in missing], plan, rec.merge.vocab, workdir)
+            extract_together_task(base, todo, [label for label in labels if label in missing], plan, rec.merge.vocab,
+                                  workdir)
+        elif missing and dask and reads_in_place(rec):  # split by output shard: each worker reads its share only
+            extraction_fetch = extract_by_shard(rec, base, todo, [label for label in labels if label in missing], plan,
+                                                opts)
         stats_futures = [
             extract_task.with_options(refresh_cache=label in missing).submit(base, ft, label, plan, rec.merge.vocab,
                                                                              workdir, store, reads_in_place(rec))
@@ -203,6 +215,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
         "merged_path": merged.path,
         "merged_fingerprint": merged.fingerprint,
         "placement": placement.as_dict() if placement is not None else None,
+        "extraction_fetch": extraction_fetch,
         "coefficients": coefficients.model_level(),
         "relative_norms": norms,
         "dropped_rows": dropped,

@@ -19,9 +19,11 @@ from prefect.settings import get_current_settings
 from prefect_dask import DaskTaskRunner
 
 from metamerge.errors import InputError
+from metamerge.methods.plan import MergePlan
 from metamerge.pipeline.merge import MergeOutput
 from metamerge.recipe import DaskCluster, Recipe, Runner
 from metamerge.refs import ResolvedModel
+from metamerge_prefect.tasks.extract import combine_parts_task, extract_part_task
 from metamerge_prefect.tasks.merge_shards import finalize_merge, merge_shard, plan_shards
 
 
@@ -63,6 +65,18 @@ def gpu_worker_count(resource: str) -> int:
 def placed(on_gpu: bool, resource: str) -> contextlib.AbstractContextManager:
     """Tasks submitted inside go only to workers that declare `resource` (when `on_gpu`)."""
     return dask.annotate(resources={resource: 1}) if on_gpu else contextlib.nullcontext()
+
+
+def extract_by_shard(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], labels: list[str],
+                     plan: MergePlan, options: dict[str, Any]) -> list[dict]:
+    """Extraction split like the merge: one part per output shard, then one combine; returns what each
+    part fetched, where (the per-fine-tune extract tasks then find the stats files)."""
+    names = plan_shards.with_options(**options).submit(recipe, base).result()
+    futures = [extract_part_task.with_options(**options).submit(recipe, base, finetunes, labels, plan, index)
+               for index in range(len(names))]
+    parts = [future.result() for future in futures]
+    combine_parts_task.with_options(**options).submit(recipe, base, finetunes, labels, plan, parts).result()
+    return [{k: part[k] for k in ("index", "worker", "bytes_fetched")} for part in parts]
 
 
 def merge_by_shard(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], solved: dict,

@@ -8,9 +8,11 @@ from prefect import task
 
 from metamerge.io.shared import SharedStore
 from metamerge.methods.plan import MergePlan
-from metamerge.pipeline.extract import extract, extract_together
+from metamerge.pipeline.extract import combine_parts, extract, extract_part, extract_together
+from metamerge.recipe import Recipe
 from metamerge.refs import ResolvedModel
 from metamerge_prefect.tasks.caching import extract_key
+from metamerge_prefect.tasks.policy import NETWORK_RETRY
 
 
 @task(name="extract", task_run_name="extract {label}", cache_key_fn=extract_key, persist_result=True)
@@ -29,3 +31,23 @@ def extract_together_task(base: ResolvedModel, finetunes: list[ResolvedModel], l
     then find (and cache), so each fine-tune keeps its own cache entry.
     """
     return [str(p) for p in extract_together(base, finetunes, labels, plan, vocab, Path(workdir))]
+
+
+# runner: dask with inputs read by range: extraction split like the merge, one task per output shard
+
+
+@task(name="extract-part", task_run_name="extract part {index}", **NETWORK_RETRY)
+def extract_part_task(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], labels: list[str],
+                      plan: MergePlan, index: int) -> dict:
+    """Per-tensor sums of one output shard's tensors: each worker reads its share of the inputs only.
+
+    Not cached itself (like extract-together): the stats files the combine step writes are the cache.
+    """
+    return extract_part(recipe, base, finetunes, labels, plan, index)
+
+
+@task(name="extract-combine", task_run_name="combine extraction of {labels}", **NETWORK_RETRY)
+def combine_parts_task(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], labels: list[str],
+                       plan: MergePlan, parts: list[dict]) -> list[str]:
+    """The parts summed into each fine-tune's stats file (identical to one pass's), put in shared storage."""
+    return [str(p) for p in combine_parts(recipe, base, finetunes, labels, plan, parts)]

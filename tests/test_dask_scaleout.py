@@ -156,6 +156,20 @@ def _expected_fetch_per_shard(zoo, s3_zoo) -> list[int]:
             for shard in shards]
 
 
+def _float_bytes_per_shard(zoo) -> tuple[list[int], int]:
+    """Float tensor bytes of each output shard (what an extraction part reads per input), and all header GETs."""
+    from metamerge.engine.checkpoint import CheckpointReader
+    from metamerge.engine.writer import group_into_shards
+    from metamerge.io.ranged import HEADER_GUESS
+
+    base = CheckpointReader(zoo.base)
+    shards = group_into_shards([base.info(n) for n in base.names], MERGE["shard_size_mb"] * 1024 * 1024)
+    headers = sum(min(HEADER_GUESS, f.stat().st_size) if f.suffix == ".safetensors" else f.stat().st_size
+                  for folder in (zoo.base, *(zoo.finetunes[s] for s in SKILLS)) for f in Path(folder).iterdir()
+                  if f.suffix == ".safetensors" or f.name == "model.safetensors.index.json")
+    return [sum(i.nbytes for i in shard if i.is_float) for shard in shards], headers
+
+
 def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpoint, bucket, api, local_merge, tmp_path,
                                                                     s3_zoo):
     from metamerge_prefect.flows.merge_flow import merge_flow
@@ -188,8 +202,11 @@ def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpo
     states = _subflow_task_states(state, expect=_shard_names(local_merge) | {"finalize merge", "publish"})
     shard_runs = [name for name in states if name.startswith("merge shard")]
     assert set(shard_runs) == _shard_names(local_merge) and len(shard_runs) == len(shards)
-    for name in [*shard_runs, "finalize merge", "plan shards", "solve", "publish", *(f"extract {s}" for s in SKILLS)]:
+    parts = {f"extract part {i}" for i in range(len(shards))}  # the norm pass, split like the merge
+    for name in [*shard_runs, *parts, "finalize merge", "solve", "publish", *(f"extract {s}" for s in SKILLS)]:
         assert states[name] == ["Completed"], (name, states)
+    assert states["plan shards"] == ["Completed", "Completed"]  # for the extraction, then (cached) for the merge
+    assert [n for n in states if n.startswith("combine extraction of")] == [f"combine extraction of {SKILLS}"]
     assert len([n for n in states if n.startswith("evaluate merged")]) == len(SKILLS)
 
     # intermediates went through S3: stats, the merged model (committed by its manifest) and task results
@@ -208,6 +225,7 @@ def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpo
 def test_workers_with_their_own_disks_move_only_their_shards_bytes(zoo, s3_endpoint, bucket, api, local_merge, tmp_path,
                                                                    s3_zoo):
     """No shared folder at all: inputs by range, shards uploaded in place, finalize downloads no tensor."""
+    from metamerge.io.s3 import s3_client
     from metamerge_prefect.flows.merge_flow import merge_flow
     from tests.daskworkers import private_workers
 
@@ -215,10 +233,18 @@ def test_workers_with_their_own_disks_move_only_their_shards_bytes(zoo, s3_endpo
     with private_workers(workdir, tmp_path / "disks", {"PREFECT_API_URL": api}, [None, None]) as cluster:
         # merge.device cuda with no GPU worker: falls back to CPU workers, and says so
         recipe = _recipe(zoo, s3_endpoint, bucket, workdir, s3_zoo, results=f"s3://{bucket}/results",
-                         runner={"kind": "dask", "address": cluster.address}, merge={**MERGE, "device": "cuda"})
+                         runner={"kind": "dask", "address": cluster.address}, merge={**MERGE, "device": "cuda"},
+                         publish={"target": f"s3://{bucket}/merges", "endpoint_url": s3_endpoint})
         state = merge_flow(recipe, return_state=True)
         assert state.is_completed(), state.message
     result = state.result()
+    # published by server-side copy from shared storage: the same bytes, and no worker downloaded them
+    manifest = latest_manifest(f"s3://{bucket}/merges", "zoo-dask", s3_endpoint)
+    client = s3_client(s3_endpoint)
+    run_key = result["published"]["run_uri"].removeprefix(f"s3://{bucket}/")
+    assert {name: client.get_object(Bucket=bucket, Key=f"{run_key}/{name}")["Body"].read()
+            for name in local_merge} == local_merge
+    assert set(local_merge) <= set(manifest["files"])
     assert result["placement"]["notes"] == ["merge.device is cuda but no Dask worker declares a GPU resource: "
                                             "the merge ran on CPU workers"]
     assert _committed_files(result, bucket, s3_endpoint, tmp_path) == local_merge
@@ -230,8 +256,15 @@ def test_workers_with_their_own_disks_move_only_their_shards_bytes(zoo, s3_endpo
     everything = sum(_expected_fetch_per_shard(zoo, s3_zoo))
     inputs = (len(SKILLS) + 1) * s3_zoo["model_bytes"]
     assert sum(fetched.values()) == everything and everything < 1.05 * inputs
-    assert max(fetched.values()) < 0.9 * inputs, fetched  # a worker moved its shards' bytes, not every input
-    print(f"bytes fetched per worker: {fetched} (inputs: {inputs})")
+    # extraction was split the same way: each part read its shard's float tensors from every input
+    parts = sorted(result["extraction_fetch"], key=lambda p: p["index"])
+    floats, headers = _float_bytes_per_shard(zoo)
+    assert [p["index"] for p in parts] == list(range(len(floats)))
+    for part, data in zip(parts, floats, strict=True):
+        assert (len(SKILLS) + 1) * data < part["bytes_fetched"] <= (len(SKILLS) + 1) * data + 2 * headers, part
+        fetched[part["worker"]] = fetched.get(part["worker"], 0) + part["bytes_fetched"]
+    assert max(fetched.values()) < 0.9 * 2 * inputs, fetched  # a worker moved its shards' bytes, not every input
+    print(f"bytes fetched per worker, extraction + merge: {fetched} (inputs: {inputs})")
     # nothing on any worker's disk but small files: no input download, no shard left, no merged tensor fetched
     for disk in cluster.folders:
         big = [p for p in disk.rglob("*") if p.is_file() and p.stat().st_size > 64 * 1024]
@@ -302,14 +335,18 @@ def test_worker_killed_mid_upload_leaves_nothing_visible_and_is_retried_elsewher
 
 
 def test_gpu_work_goes_to_the_worker_that_declares_a_gpu(zoo, s3_endpoint, bucket, api, tmp_path, s3_zoo):
-    """Placement by Dask worker resources: merge shards and every evaluation run on the GPU worker only."""
+    """Placement by Dask worker resources: merge shards and every evaluation run on the GPU worker only.
+
+    With `runner.inputs: download` (the behaviour before ranged reads), the worker downloads each input.
+    """
     from metamerge_prefect.flows.merge_flow import merge_flow
     from tests.daskworkers import private_workers
 
     workdir = tmp_path / "wd"
     with private_workers(workdir, tmp_path / "disks", {"PREFECT_API_URL": api}, [None, "GPU=1"]) as cluster:
         recipe = _recipe(zoo, s3_endpoint, bucket, workdir, s3_zoo, results=f"s3://{bucket}/results",
-                         runner={"kind": "dask", "address": cluster.address}, merge={**MERGE, "device": "auto"},
+                         runner={"kind": "dask", "address": cluster.address, "inputs": "download"},
+                         merge={**MERGE, "device": "auto"},
                          evaluation={"tasks_dir": str(zoo.tasks_dir), "batch_size": 32, "limit": 4, "device": "auto"})
         state = merge_flow(recipe, return_state=True)
         assert state.is_completed(), state.message
@@ -318,6 +355,8 @@ def test_gpu_work_goes_to_the_worker_that_declares_a_gpu(zoo, s3_endpoint, bucke
     assert result["placement"]["merge_on_gpu"] and result["placement"]["evaluation_on_gpu"]
     report = json.loads(_committed_report(result, bucket, s3_endpoint))
     assert {s["worker"].rsplit("/", 1)[1] for s in report["shards"]} == {str(cluster.pids[1])}
+    assert {s["bytes_fetched"] for s in report["shards"]} == {0}  # inputs: download: read from the local copies
+    assert result["extraction_fetch"] is None  # and extraction per fine-tune, as before
     # every evaluation wrote its scores on the GPU worker's own disk, none on the other's
     jobs = 3 * len(SKILLS)  # the base and the merged model on every skill's task, each fine-tune on its own
     assert len(list((cluster.folders[1] / "scores").glob("*.json"))) == jobs

@@ -105,7 +105,7 @@ from metamerge_prefect.tasks.resolve import resolve_model
 calls = {"flaky": [], "bad": []}
 
 
-def failing(ref, workdir, endpoint_url=None):  # the injected fault: the remote is down / the ref is wrong
+def failing(ref, workdir, endpoint_url=None, download=True):  # the injected fault: the remote is down / the ref is wrong
     name = ref.rsplit("/", 1)[1]
     calls[name].append(time.time())
     if name == "bad":

@@ -17,7 +17,7 @@ from metamerge.engine.checkpoint import CheckpointReader
 from metamerge.engine.coefficients import solve_constant
 from metamerge.engine.remote import RemoteCheckpointReader
 from metamerge.engine.writer import group_into_shards
-from metamerge.errors import InputError
+from metamerge.errors import InputError, TransientError
 from metamerge.io import ranged
 from metamerge.io.ranged import FETCHED, coalesce
 from metamerge.io.s3 import s3_client
@@ -152,3 +152,30 @@ def test_a_shared_folder_exists_only_once_its_manifest_is_written(tmp_path, s3_e
     assert json.loads(client.get_object(Bucket=bucket, Key=f"shared/merged/m/{FOLDER_MANIFEST}")["Body"].read())
     elsewhere.ensure_dir(moved)
     assert sorted(p.name for p in moved.iterdir()) == ["a.bin", "b.json"]  # only what the manifest lists
+
+
+def test_a_merge_in_shared_storage_is_published_by_server_side_copy(tmp_path, s3_endpoint, bucket):
+    from metamerge.io.digests import sha256_file
+    from metamerge.io.manifests import latest_manifest
+    from metamerge.io.publish import StoredObject, publish_run
+
+    client = s3_client(s3_endpoint)
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(bytes(range(256)) * 100)
+    digest = sha256_file(shard)
+    client.upload_file(str(shard), bucket, "shared/merged/m/model.safetensors", ExtraArgs={"Metadata": {"sha256": digest}})
+    stored = StoredObject(bucket, "shared/merged/m/model.safetensors", shard.stat().st_size, digest)
+    (tmp_path / "config.json").write_text("{}")
+    result = publish_run({"model.safetensors": stored, "config.json": tmp_path / "config.json"},
+                         f"s3://{bucket}/merges", "m", "run-1", s3_endpoint)
+    key = result.run_uri.removeprefix(f"s3://{bucket}/") + "/model.safetensors"
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == shard.read_bytes()
+    assert client.head_object(Bucket=bucket, Key=key)["Metadata"]["sha256"] == digest
+    assert latest_manifest(f"s3://{bucket}/merges", "m", s3_endpoint)["files"]["model.safetensors"]["sha256"] == digest
+    # the source changed after it was recorded: refused, never a manifest over other bytes
+    client.put_object(Bucket=bucket, Key=stored.key, Body=b"other", Metadata={"sha256": digest})
+    with pytest.raises(TransientError, match="no longer the file recorded"):
+        publish_run({"model.safetensors": stored}, f"s3://{bucket}/merges", "m", "run-2", s3_endpoint)
+    with pytest.raises(InputError, match="only to an S3 target"):
+        publish_run({"model.safetensors": stored}, str(tmp_path / "published"), "m", "run-3")
+    assert not (tmp_path / "published").exists()

@@ -23,7 +23,8 @@ def test_put_then_fetch_on_a_machine_without_the_files(tmp_path, s3_endpoint, bu
     writer.put(here / "stats" / "s.json")
     writer.put_dir(here / "merged" / "m")
     keys = {o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(Bucket=bucket)["Contents"]}
-    assert keys == {"shared/stats/s.json", "shared/merged/m/model.safetensors", "shared/merged/m/config.json"}
+    assert keys == {"shared/stats/s.json", "shared/merged/m/model.safetensors", "shared/merged/m/config.json",
+                    "shared/merged/m/.metamerge-shared.json"}  # the folder's manifest, written last
 
     # the same workdir path on another machine (here: another folder) starts empty
     reader = SharedStore(str(there), uri, s3_endpoint)
@@ -36,7 +37,7 @@ def test_put_then_fetch_on_a_machine_without_the_files(tmp_path, s3_endpoint, bu
 
     reader.remove(there / "stats" / "s.json")
     assert not reader.exists(there / "stats" / "s.json")
-    with pytest.raises(InputError, match="neither on this machine nor in shared storage"):
+    with pytest.raises(InputError, match="neither on this machine nor committed to shared storage"):
         reader.ensure_dir(there / "merged" / "gone")
 
 
@@ -92,13 +93,20 @@ def test_sharded_stages_need_only_s3_between_machines(tmp_path, s3_endpoint, buc
     assert len(names) >= 3 and len(list(Path(want.path).glob("*.safetensors"))) == len(names), names
     shards = [merge_output_shard(dask, base, fts, coefficients, i) for i in range(len(names))]
     shutil.rmtree(shard_dir(dask, base, fts, coefficients))
+    assert all(not Path(s["path"]).exists() for s in shards)  # uploaded in place, the local copy gone
     got = finalize_sharded_merge(dask, base, fts, coefficients, shards)
     assert got.fingerprint == want.fingerprint
     assert not shard_dir(dask, base, fts, coefficients).exists()
-    # the merged model is in S3 for evaluation / publishing elsewhere; a finalize re-run fetches it back
+    # assembled in S3, not here: finalize downloaded no shard
     out = merged_dir(dask, base, fts, coefficients)
-    shutil.rmtree(out)
+    assert not out.exists()
+    elsewhere = SharedStore(str(tmp_path / "b"), f"s3://{bucket}/shared", s3_endpoint)
+    fetched = elsewhere.ensure_dir(tmp_path / "b" / "merged" / out.name)
+    assert {p.name: p.read_bytes() for p in fetched.iterdir() if not p.name.startswith(".")} == {
+        p.name: p.read_bytes() for p in Path(want.path).iterdir() if not p.name.startswith(".")}
+    # a finalize re-run (cached shard results, uploads already complete) finds the committed folder
     merge_report_path(out).unlink()
     assert merge_available(dask, base, fts, coefficients)
     again = finalize_sharded_merge(dask, base, fts, coefficients, shards)
     assert again.fingerprint == want.fingerprint and again.report["shards"] == got.report["shards"]
+    assert not out.exists()

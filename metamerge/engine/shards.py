@@ -42,6 +42,12 @@ def output_shard_files(base_dir: ModelSource, dtype: str = "auto", shard_size_mb
     return shard_filenames(len(group_into_shards(tensors, shard_size_mb * 1024 * 1024)))
 
 
+def output_shard_tensors(base_dir: ModelSource, index: int, dtype: str = "auto", shard_size_mb: float = 2000) -> list[str]:
+    """Names of the tensors in output shard `index`: the share of one Dask task (merge or extraction)."""
+    tensors = output_plan(open_checkpoint(base_dir, "base"), dtype)
+    return [info.name for info in group_into_shards(tensors, shard_size_mb * 1024 * 1024)[index]]
+
+
 @dataclass
 class ShardReport:
     """One shard's file and its share of the whole-model report (gram, bytes, rounding partials)."""

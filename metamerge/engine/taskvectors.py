@@ -83,15 +83,27 @@ def extract_stats(
 
 @dataclass
 class _Sums:
-    """One fine-tune's running sums during a shared pass over the base."""
+    """One fine-tune's per-tensor sums during a shared pass over the base."""
 
     label: str
     reader: CheckpointReader | LoraReader
     alignment: object
-    sq_norms: dict[str, float] = field(default_factory=dict)
-    numel: int = 0
-    changed: int = 0
-    raw_total: float = 0.0
+    values: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # name -> (‖τ‖², raw ‖τ‖², numel)
+
+
+@dataclass
+class TensorSums:
+    """Per-tensor sums of one pass over some of a model's tensors, for several fine-tunes.
+
+    Parts over disjoint tensors (one Dask task per output shard) combine into exactly the stats of
+    one pass over all tensors: `combine_tensor_sums` adds them up in the base's tensor order, as
+    the single pass does, so the floats are identical whichever way the work was split.
+    """
+
+    labels: list[str]
+    base_sq: dict[str, float]
+    values: dict[str, dict[str, tuple[float, float, int]]]
+    dropped_rows: dict[str, dict[str, int]]
 
 
 def extract_stats_many(
@@ -106,22 +118,35 @@ def extract_stats_many(
     plan = plan or MergePlan()
     base = open_checkpoint(base_dir, "base")
     results: dict[str, TaskVectorStats] = {}
-    sums: list[_Sums] = []
+    full: list[tuple[ModelSource, str]] = []
     for finetune_dir, label in finetunes:
         finetune = open_finetune(base_dir, finetune_dir, label)
         if isinstance(finetune, LoraReader) and plan.sparsify == "none":
             results[label] = _adapter_stats(base_dir, base, finetune, label)
         else:
-            sums.append(_Sums(label, finetune, align(base, finetune, vocab)))
-    base_total = 0.0
+            full.append((finetune_dir, label))
+    if full:
+        sums = tensor_sums(base_dir, full, plan, vocab)
+        floats = [name for name in base.names if base.info(name).is_float]
+        results.update(zip(sums.labels, combine_tensor_sums([sums], floats), strict=True))
+    return [results[label] for _, label in finetunes]
+
+
+def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]], plan: MergePlan | None = None,
+                vocab: str = "base", names: set[str] | None = None) -> TensorSums:
+    """One pass over the base's float tensors (only `names`, when given) and every fine-tune's."""
+    plan = plan or MergePlan()
+    base = open_checkpoint(base_dir, "base")
+    sums = [_Sums(label, finetune, align(base, finetune, vocab))
+            for label, finetune in ((label, open_finetune(base_dir, d, label)) for d, label in finetunes)]
+    tensors = [name for name in base.names if base.info(name).is_float and (names is None or name in names)]
     capacity = checkpoint.CHUNK_ELEMENTS
     aliases = tied_aliases(base) if plan.random else {}
     ft_buffer, base_buffer = torch.empty(capacity), torch.empty(capacity)
-    _expect_reads(base, sums, plan, capacity)
-    for name in base.names if sums else []:
+    _expect_reads(base, sums, plan, capacity, tensors)
+    base_sqs: dict[str, float] = {}
+    for name in tensors if sums else []:
         info = base.info(name)
-        if not info.is_float:
-            continue
         base_sq = 0.0
         values = [0.0] * len(sums)
         raws = [0.0] * len(sums)
@@ -138,24 +163,51 @@ def extract_stats_many(
                                                     info.shape[-1] if len(info.shape) > 1 else None)
         if not math.isfinite(base_sq):
             raise CheckpointError(f"base {getattr(base_dir, 'ref', base_dir)}: tensor {name!r} contains NaN or Inf")
-        base_total += base_sq
+        base_sqs[name] = base_sq
         for ft, value, raw_sq in zip(sums, values, raws, strict=True):
             if not math.isfinite(value) or not math.isfinite(raw_sq):
                 raise CheckpointError(f"fine-tune {ft.label!r}: tensor {name!r} contains NaN or Inf")
-            ft.sq_norms[name] = value
-            ft.raw_total += raw_sq if plan.sparsify != "none" else value
-            ft.numel += math.prod(info.shape)
-            ft.changed += value > 0
-    for ft in sums:
-        results[ft.label] = TaskVectorStats(label=ft.label, sq_norms=ft.sq_norms, numel=ft.numel,
-                                            changed_tensors=ft.changed, base_sq_norm=base_total,
-                                            raw_sq_norm=ft.raw_total, dropped_rows=dict(ft.alignment.dropped_rows))
-    return [results[label] for _, label in finetunes]
+            ft.values[name] = (value, raw_sq if plan.sparsify != "none" else value, math.prod(info.shape))
+    for reader in (base, *(ft.reader for ft in sums)):
+        reader.close()
+    return TensorSums([ft.label for ft in sums], base_sqs, {ft.label: ft.values for ft in sums},
+                      {ft.label: dict(ft.alignment.dropped_rows) for ft in sums})
 
 
-def _expect_reads(base: CheckpointReader, sums: list[_Sums], plan: MergePlan, capacity: int) -> None:
+def combine_tensor_sums(parts: list[TensorSums], order: list[str]) -> list[TaskVectorStats]:
+    """The stats of each fine-tune of `parts`, which must cover `order` (the base's float tensors, in
+    its order) exactly once together; summed in that order (see TensorSums)."""
+    base_sq = {name: value for part in parts for name, value in part.base_sq.items()}
+    if sum(len(part.base_sq) for part in parts) != len(order) or set(base_sq) != set(order):
+        raise CheckpointError(f"extraction parts cover {len(base_sq)} tensors, the base has {len(order)} float tensors")
+    base_total = 0.0
+    for name in order:
+        if name in base_sq:
+            base_total += base_sq[name]
+    stats = []
+    for label in parts[0].labels:
+        values = {name: v for part in parts for name, v in part.values[label].items()}
+        if set(values) != set(base_sq):
+            raise CheckpointError(f"fine-tune {label!r}: the extraction parts do not cover the same tensors")
+        sq_norms: dict[str, float] = {}
+        raw_total, numel, changed = 0.0, 0, 0
+        for name in order:
+            if name in values:
+                value, raw, count = values[name]
+                sq_norms[name] = value
+                raw_total += raw
+                numel += count
+                changed += value > 0
+        stats.append(TaskVectorStats(label=label, sq_norms=sq_norms, numel=numel, changed_tensors=changed,
+                                     base_sq_norm=base_total, raw_sq_norm=raw_total,
+                                     dropped_rows=parts[0].dropped_rows[label]))
+    return stats
+
+
+def _expect_reads(base: CheckpointReader, sums: list[_Sums], plan: MergePlan, capacity: int,
+                  tensors: list[str]) -> None:
     """The pass's reads in its order, so ranged (S3) readers fetch them ahead."""
-    pieces = [(name, rows) for name in base.names if base.info(name).is_float and sums
+    pieces = [(name, rows) for name in tensors if sums
               for rows in (row_chunks(base.info(name), capacity) if chunked(plan) else [None])]
     base.expect(pieces)
     for ft in sums:

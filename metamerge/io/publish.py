@@ -45,6 +45,19 @@ CLAIM = ".publish-claim"
 
 
 @dataclass(frozen=True)
+class StoredObject:
+    """A file already in S3 (a merged shard committed in shared storage): published by server-side copy."""
+
+    bucket: str
+    key: str
+    size: int
+    sha256: str
+
+
+Source = Path | StoredObject
+
+
+@dataclass(frozen=True)
 class PublishResult:
     run_uri: str
     manifest_uri: str
@@ -53,19 +66,33 @@ class PublishResult:
     manifest: dict
 
 
-def build_manifest(files_in: dict[str, Path], model_name: str, run_id: str, extra: dict | None = None,
+def build_manifest(files_in: dict[str, Source], model_name: str, run_id: str, extra: dict | None = None,
                    digests: DigestCache | None = None) -> dict:
     digests = digests or DigestCache(None)
     files = {}
     for rel in sorted(files_in):
         file = files_in[rel]
-        files[rel] = {"sha256": digests.digest(file), "size": file.stat().st_size}
+        if isinstance(file, StoredObject):
+            files[rel] = {"sha256": file.sha256, "size": file.size}
+        else:
+            files[rel] = {"sha256": digests.digest(file), "size": file.stat().st_size}
     digests.save()
     return {"model": model_name, "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": files, **(extra or {})}
 
 
-def _publish_s3(files_in: dict[str, Path], target: Target, run_key: str, manifest: dict, endpoint_url: str | None) -> tuple[int, int]:
+def _copy_stored(client, source: StoredObject, bucket: str, key: str, meta: dict) -> None:
+    """Server-side copy (multipart above 5 GB), only from the very object whose size and sha256 were recorded."""
+    head = client.head_object(Bucket=source.bucket, Key=source.key)
+    if head.get("ContentLength") != meta["size"] or head.get("Metadata", {}).get("sha256") != meta["sha256"]:
+        raise TransientError(f"s3://{source.bucket}/{source.key} is no longer the file recorded for this merge; "
+                             "merge again")
+    client.copy({"Bucket": source.bucket, "Key": source.key}, bucket, key,
+                ExtraArgs={"Metadata": {"sha256": meta["sha256"]}, "MetadataDirective": "REPLACE",
+                           "CopySourceIfMatch": head["ETag"]})
+
+
+def _publish_s3(files_in: dict[str, Source], target: Target, run_key: str, manifest: dict, endpoint_url: str | None) -> tuple[int, int]:
     client = s3_client(endpoint_url)
     uploaded = skipped = 0
     try:
@@ -73,7 +100,13 @@ def _publish_s3(files_in: dict[str, Path], target: Target, run_key: str, manifes
         rendezvous("publish")
         _claim_s3(client, target.bucket, run_key, manifest)
         for rel, meta in manifest["files"].items():
-            if not upload_unless_present(client, target.bucket, f"{run_key}/{rel}", files_in[rel], meta):
+            source = files_in[rel]
+            if isinstance(source, StoredObject):
+                if s3_object_matches(client, target.bucket, f"{run_key}/{rel}", meta):
+                    skipped += 1
+                    continue
+                _copy_stored(client, source, target.bucket, f"{run_key}/{rel}", meta)
+            elif not upload_unless_present(client, target.bucket, f"{run_key}/{rel}", source, meta):
                 skipped += 1
                 continue
             uploaded += 1
@@ -225,12 +258,15 @@ def _publish_local(files_in: dict[str, Path], run_dir: Path, manifest: dict) -> 
     return uploaded, skipped
 
 
-def publish_run(files: dict[str, Path], target_uri: str, model_name: str, run_id: str,
+def publish_run(files: dict[str, Source], target_uri: str, model_name: str, run_id: str,
                 endpoint_url: str | None = None, extra: dict | None = None,
                 digests: DigestCache | None = None) -> PublishResult:
-    """Uploads `files` ({relative name: local path}) under <target>/<model>/<run-id>/, manifest last."""
+    """Uploads `files` ({relative name: local path, or an object in S3 to copy}) under
+    <target>/<model>/<run-id>/, manifest last. Objects in S3 go only to an S3 target on their endpoint."""
     target = parse_target(target_uri)
     manifest = build_manifest(files, model_name, run_id, extra, digests)
+    if not target.is_s3 and any(isinstance(f, StoredObject) for f in files.values()):
+        raise InputError("publish: files in S3 can be published only to an S3 target (download them first)")
     if target.is_s3:
         run_key = target.join(model_name, run_id)
         uploaded, skipped = _publish_s3(files, target, run_key, manifest, endpoint_url)

@@ -58,8 +58,8 @@ class SharedStore:
         `as_path` (default: its own); returns its {size, sha256} (nothing without a store)."""
         if self.uri is None:
             return {}
-        meta = {"sha256": sha256_file(Path(path)), "size": Path(path).stat().st_size}
         bucket, key, client = parse_target(self.uri).bucket, self._key(as_path or path), s3_client(self.endpoint_url)
+        meta = {"sha256": sha256_file(Path(path)), "size": Path(path).stat().st_size}
         try:
             upload_unless_present(client, bucket, key, Path(path), meta)
         except S3_FAILURES as exc:

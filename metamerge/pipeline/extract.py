@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
-from metamerge.engine.lora import check_adapter_base
-from metamerge.engine.taskvectors import TaskVectorStats, check_relative_norms, extract_stats, extract_stats_many
+from metamerge.engine.lora import check_adapter_base, is_adapter
+from metamerge.engine.remote import open_checkpoint
+from metamerge.engine.shards import output_shard_tensors
+from metamerge.engine.taskvectors import (
+    TaskVectorStats,
+    check_relative_norms,
+    combine_tensor_sums,
+    extract_stats,
+    extract_stats_many,
+    tensor_sums,
+)
 from metamerge.errors import writing
 from metamerge.io.atomic import write_atomic
+from metamerge.io.ranged import FETCHED, RemoteModel
 from metamerge.io.shared import SharedStore
 from metamerge.methods.plan import MergePlan
-from metamerge.pipeline.inputs import input_source
+from metamerge.pipeline.inputs import input_source, reads_in_place, shared_store
 from metamerge.pipeline.keys import stats_path
 from metamerge.recipe import Recipe
 from metamerge.refs import ResolvedModel
@@ -36,6 +48,45 @@ def extract(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: Merg
     if store is not None:
         store.put(out)
     return out
+
+
+def extract_part(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], labels: list[str],
+                 plan: MergePlan, index: int) -> dict:
+    """Per-tensor sums of output shard `index`'s tensors for the full fine-tunes (Dask: one task per shard).
+
+    Each input is read by range (or from this machine), only this shard's tensors: extraction then
+    costs each worker its share of (T+1) models, as the merge does. PEFT adapters are left to their
+    own extract task. Returns the sums with the bytes fetched and who fetched them.
+    """
+    store, ranged = shared_store(recipe), reads_in_place(recipe)
+    fetched = FETCHED.bytes
+    base_source = input_source(base, store, ranged)
+    names = output_shard_tensors(base_source, index, recipe.merge.dtype, recipe.merge.shard_size_mb)
+    sources = [(input_source(ft, store, ranged), label) for ft, label in zip(finetunes, labels, strict=True)]
+    full = [(source, label) for source, label in sources if isinstance(source, RemoteModel) or not is_adapter(source)]
+    sums = tensor_sums(base_source, full, _weighed(plan), recipe.merge.vocab, set(names))
+    return {"index": index, "sums": sums, "bytes_fetched": FETCHED.bytes - fetched,
+            "worker": f"{socket.gethostname()}/{os.getpid()}"}
+
+
+def combine_parts(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], labels: list[str],
+                  plan: MergePlan, parts: list[dict]) -> list[Path]:
+    """The stats files of the fine-tunes the parts covered, identical to one pass's; put in shared storage.
+
+    The per-fine-tune extract tasks then find them, so each fine-tune keeps its own cache entry.
+    """
+    store = shared_store(recipe)
+    base_reader = open_checkpoint(input_source(base, store, reads_in_place(recipe)), "base")
+    order = [name for name in base_reader.names if base_reader.info(name).is_float]
+    sums = [part["sums"] for part in sorted(parts, key=lambda p: p["index"])]
+    written = []
+    by_label = dict(zip(labels, finetunes, strict=True))
+    for stats in combine_tensor_sums(sums, order) if sums[0].labels else []:
+        out = stats_path(base, by_label[stats.label], stats.label, plan, recipe.merge.vocab, Path(recipe.workdir))
+        _save(out, stats)
+        store.put(out)
+        written.append(out)
+    return written
 
 
 def extract_together(base: ResolvedModel, finetunes: list[ResolvedModel], labels: list[str], plan: MergePlan,

@@ -10,7 +10,7 @@ from metamerge.evaluation.gate import GateDecision, baseline_from_manifest
 from metamerge.evaluation.gate import check_gate as check_gate_against
 from metamerge.io import outputs
 from metamerge.io.manifests import latest_manifest, published_run_intact
-from metamerge.io.publish import PublishResult, publish_run
+from metamerge.io.publish import PublishResult, Source, StoredObject, publish_run
 from metamerge.pipeline.inputs import digest_cache, shared_store
 from metamerge.pipeline.merge import MergeOutput
 from metamerge.recipe import Recipe, recipe_to_yaml
@@ -43,10 +43,11 @@ def publish(recipe: Recipe, merged: MergeOutput, run_id: str, documents: dict[st
     workdir = Path(recipe.workdir)
     anchor = workdir / "publish" / run_id
     outputs.remove_stale_temporaries(anchor, tag="stage")
-    files: dict[str, Path] = {}
-    merged_dir = shared_store(recipe).ensure_dir(Path(merged.path))
-    for file in sorted(p for p in merged_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
-        files[file.name] = file
+    files: dict[str, Source] = dict(_stored_merge(recipe, Path(merged.path)))
+    if not files:
+        merged_dir = shared_store(recipe).ensure_dir(Path(merged.path))
+        for file in sorted(p for p in merged_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
+            files[file.name] = file
     with writing(anchor.parent):
         stage = outputs.make_temp(anchor, tag="stage")
     try:
@@ -62,6 +63,23 @@ def publish(recipe: Recipe, merged: MergeOutput, run_id: str, documents: dict[st
                            digests=digest_cache(workdir))
     finally:
         stage.discard()
+
+
+def _stored_merge(recipe: Recipe, merged: Path) -> dict[str, StoredObject]:
+    """The merged folder as objects to copy server-side, when it is committed in shared storage (not on
+    this machine) and the publish target is S3 on the same endpoint; else {} (files are uploaded)."""
+    assert recipe.publish is not None
+    store = shared_store(recipe)
+    same_endpoint = (recipe.publish.endpoint_url or recipe.endpoint_url) == store.endpoint_url
+    if merged.exists() or store.uri is None or not recipe.publish.target.startswith("s3://") or not same_endpoint:
+        return {}
+    committed = store.manifest(merged) or {}
+    stored = {}
+    for name, entry in committed.items():
+        if not name.startswith("."):
+            bucket, key = store.location(merged / name)
+            stored[name] = StoredObject(bucket, key, entry["size"], entry["sha256"])
+    return stored
 
 
 def published_intact(recipe: Recipe, merged_fingerprint: str, documents: dict[str, str],
