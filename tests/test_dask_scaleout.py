@@ -247,6 +247,8 @@ def test_workers_with_their_own_disks_move_only_their_shards_bytes(zoo, s3_endpo
     assert set(local_merge) <= set(manifest["files"])
     assert result["placement"]["notes"] == ["merge.device is cuda but no Dask worker declares a GPU resource: "
                                             "the merge ran on CPU workers"]
+    published_report = client.get_object(Bucket=bucket, Key=f"{run_key}/report.md")["Body"].read().decode()
+    assert "## Placement (Dask)\n\n- merge.device is cuda but no Dask worker declares a GPU resource" in published_report
     assert _committed_files(result, bucket, s3_endpoint, tmp_path) == local_merge
     report = json.loads(_committed_report(result, bucket, s3_endpoint))
     fetched: dict[str, int] = {}

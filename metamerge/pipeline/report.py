@@ -41,7 +41,7 @@ def report_markdown(recipe: Recipe, inputs: list[ResolvedModel], coefficients: C
              "", "## Inputs", "", *input_lines(recipe, inputs),
              "", "## Coefficients (λ per fine-tune, model level)", "", *coefficient_lines(recipe, coefficients, merge_report)]
     placement = merge_report.get("placement")
-    if placement:
+    if placement and placement["notes"]:
         lines += ["", "## Placement (Dask)", "", *(f"- {note}" for note in placement["notes"])]
     dropped = merge_report.get("dropped_rows") or {}
     if dropped:
