@@ -409,6 +409,26 @@ def test_kth_largest_is_exact_on_large_tensors_with_ties():
     assert values[mask].min() >= values[~mask].max()
 
 
+@pytest.mark.parametrize("n", [70_000, 1_300_000])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_blockwise_trim_zeroes_exactly_the_entries_a_full_sort_drops(n, bf16):
+    """The CPU trim works per block with a sampled bracket; a full sort is the independent reference."""
+    from metamerge.methods.kernels import kth_largest, trim_
+
+    gen = torch.Generator().manual_seed(n)
+    tau = torch.randn(n, generator=gen)
+    if bf16:
+        tau = tau.to(torch.bfloat16).float()  # thousands of exact ties at every magnitude
+    for density in (0.2, 0.01, 0.9):
+        k = max(1, int(density * n))
+        order = torch.sort(tau.abs(), descending=True, stable=True).indices  # ties: the lower index first
+        want = torch.zeros_like(tau)
+        want[order[:k]] = tau[order[:k]]
+        got = trim_(tau.clone(), density)
+        assert torch.equal(got, want), (n, bf16, density)
+        assert kth_largest(tau.abs(), k) == tau.abs()[order[k - 1]]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["metagpt", "ties"])
 def test_engine_output_files_equal_dense_reference_on_the_zoo(zoo, tmp_path, method):
