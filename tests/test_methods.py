@@ -409,6 +409,19 @@ def test_kth_largest_is_exact_on_large_tensors_with_ties():
     assert values[mask].min() >= values[~mask].max()
 
 
+@pytest.mark.parametrize("n", [1, 65_536, 65_537, 3 * 65_536 + 5])
+def test_the_norm_of_a_difference_is_the_norm_of_the_written_difference(n):
+    """The fused norm pass must give the very float64 the two-step one gave: λ and stats stay bit-equal."""
+    from metamerge.methods.kernels import sq_norm, sq_norm_of_difference
+
+    gen = torch.Generator().manual_seed(n)
+    theta0 = torch.randn(n, generator=gen)
+    theta = theta0 + 1e-3 * torch.randn(n, generator=gen)
+    fused = sq_norm_of_difference(theta, theta0)
+    assert fused == sq_norm(theta - theta0)
+    assert fused == pytest.approx(float(((theta.double() - theta0.double()) ** 2).sum()), rel=1e-5)
+
+
 @pytest.mark.parametrize("n", [70_000, 1_300_000])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_blockwise_trim_zeroes_exactly_the_entries_a_full_sort_drops(n, bf16):

@@ -21,7 +21,7 @@ from metamerge.engine.lora import LoraReader, open_finetune
 from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.errors import CheckpointError
 from metamerge.io.ranged import RemoteModel
-from metamerge.methods.kernels import chunked, sq_norm, sq_norm_after_sparsify
+from metamerge.methods.kernels import chunked, sq_norm, sq_norm_after_sparsify, sq_norm_of_difference
 from metamerge.methods.plan import MergePlan
 
 STATS_VERSION = 3  # 2: ‖θ₀‖², raw ‖τ‖², vocabulary rows dropped; 3: ‖τ‖² summed in 64 K float64 blocks
@@ -154,10 +154,12 @@ def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]],
             theta0 = _read_f32(base, name, rows, base_buffer)
             base_sq += float(torch.dot(theta0, theta0))
             for i, ft in enumerate(sums):
-                tau = _read_f32(ft.reader, name, aligned_rows(ft.alignment, name, rows), ft_buffer)
-                tau.sub_(theta0)
-                if plan.sparsify != "none":
-                    raws[i] += float(torch.dot(tau, tau))
+                theta = _read_f32(ft.reader, name, aligned_rows(ft.alignment, name, rows), ft_buffer)
+                if plan.sparsify == "none":  # τ is never written: one read of the piece, in cache
+                    values[i] += sq_norm_of_difference(theta, theta0)
+                    continue
+                tau = theta.sub_(theta0)
+                raws[i] += float(torch.dot(tau, tau))
                 values[i] += sq_norm_after_sparsify(tau, plan, ft.label, aliases.get(name, name),
                                                     rows[0] if rows else 0,
                                                     info.shape[-1] if len(info.shape) > 1 else None)

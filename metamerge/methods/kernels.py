@@ -299,6 +299,28 @@ def sq_norm(tau: torch.Tensor) -> float:
     return total
 
 
+def sq_norm_of_difference(theta: torch.Tensor, theta0: torch.Tensor) -> float:
+    """`sq_norm(theta − theta0)`, the same float, without writing the difference to memory first.
+
+    Each 64 K block's difference is made in float32 (as `sub_` would) and summed in float64 with
+    the same block boundaries as `sq_norm`: the norm pass then reads each piece once, in cache.
+    """
+    a, b = theta.reshape(-1), theta0.reshape(-1)
+    if a.numel() <= _F64_BLOCK:
+        wide = (a - b).to(torch.float64)
+        return float(torch.dot(wide, wide))
+    narrow = torch.empty(_F64_BLOCK, dtype=a.dtype, device=a.device)
+    block = torch.empty(_F64_BLOCK, dtype=torch.float64, device=a.device)
+    total = 0.0
+    for start in range(0, a.numel(), _F64_BLOCK):
+        count = min(_F64_BLOCK, a.numel() - start)
+        difference = torch.sub(a[start : start + count], b[start : start + count], out=narrow[:count])
+        wide = block[:count]
+        wide.copy_(difference)
+        total += float(torch.dot(wide, wide))
+    return total
+
+
 def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0,
                            row_length: int | None = None) -> float:
     """‖sparsify(τ)‖², which is what MetaGPT weighs when combined with TIES or DARE."""
