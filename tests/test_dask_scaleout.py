@@ -140,9 +140,9 @@ def _shard_names(local_merge) -> set[str]:
     return {f"merge shard {i}" for i in range(sum(n.endswith(".safetensors") for n in local_merge))}
 
 
-def _expected_fetch_per_shard(zoo, s3_zoo) -> list[int]:
-    """What each shard task must fetch by range, counted from the headers: its tensors' bytes from the
-    base (all) and each fine-tune (float ones), plus one header GET per input file and each index."""
+def _shard_bytes(zoo) -> tuple[list[int], list[int], int]:
+    """Per output shard, counted from the headers: all its tensors' bytes, its float tensors' bytes;
+    and the bytes of one header GET per input file plus each index (what opening the inputs costs)."""
     from metamerge.engine.checkpoint import CheckpointReader
     from metamerge.engine.writer import group_into_shards
     from metamerge.io.ranged import HEADER_GUESS
@@ -152,22 +152,15 @@ def _expected_fetch_per_shard(zoo, s3_zoo) -> list[int]:
     headers = sum(min(HEADER_GUESS, f.stat().st_size) if f.suffix == ".safetensors" else f.stat().st_size
                   for folder in (zoo.base, *(zoo.finetunes[s] for s in SKILLS)) for f in Path(folder).iterdir()
                   if f.suffix == ".safetensors" or f.name == "model.safetensors.index.json")
-    return [sum(i.nbytes for i in shard) + len(SKILLS) * sum(i.nbytes for i in shard if i.is_float) + headers
-            for shard in shards]
+    return ([sum(i.nbytes for i in shard) for shard in shards],
+            [sum(i.nbytes for i in shard if i.is_float) for shard in shards], headers)
 
 
-def _float_bytes_per_shard(zoo) -> tuple[list[int], int]:
-    """Float tensor bytes of each output shard (what an extraction part reads per input), and all header GETs."""
-    from metamerge.engine.checkpoint import CheckpointReader
-    from metamerge.engine.writer import group_into_shards
-    from metamerge.io.ranged import HEADER_GUESS
-
-    base = CheckpointReader(zoo.base)
-    shards = group_into_shards([base.info(n) for n in base.names], MERGE["shard_size_mb"] * 1024 * 1024)
-    headers = sum(min(HEADER_GUESS, f.stat().st_size) if f.suffix == ".safetensors" else f.stat().st_size
-                  for folder in (zoo.base, *(zoo.finetunes[s] for s in SKILLS)) for f in Path(folder).iterdir()
-                  if f.suffix == ".safetensors" or f.name == "model.safetensors.index.json")
-    return [sum(i.nbytes for i in shard if i.is_float) for shard in shards], headers
+def _expected_fetch_per_shard(zoo) -> list[int]:
+    """What each merge shard task must fetch by range: its tensors from the base (all) and from each
+    fine-tune (float ones), plus the header GETs."""
+    every, floats, headers = _shard_bytes(zoo)
+    return [all_bytes + len(SKILLS) * float_bytes + headers for all_bytes, float_bytes in zip(every, floats, strict=True)]
 
 
 def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpoint, bucket, api, local_merge, tmp_path,
@@ -193,7 +186,7 @@ def test_dask_local_cluster_spreads_shards_and_matches_local_bytes(zoo, s3_endpo
     assert len(workers) == 2, f"shard tasks ran on {workers}"
     assert str(os.getpid()) not in {w.rsplit("/", 1)[1] for w in workers}, "shards ran in the flow's process"
     # each shard task fetched exactly its tensors' byte ranges from S3 (counted independently from the headers)
-    assert [s["bytes_fetched"] for s in shards] == _expected_fetch_per_shard(zoo, s3_zoo)
+    assert [s["bytes_fetched"] for s in shards] == _expected_fetch_per_shard(zoo)
     # no GPU worker: evaluation placed on CPU workers, and the report says so
     assert result["placement"] == {"gpu_workers": 0, "merge_on_gpu": False, "evaluation_on_gpu": False,
                                    "notes": ["no Dask worker declares a GPU resource: evaluations ran on CPU workers"]}
@@ -255,12 +248,12 @@ def test_workers_with_their_own_disks_move_only_their_shards_bytes(zoo, s3_endpo
     for shard in report["shards"]:
         fetched[shard["worker"]] = fetched.get(shard["worker"], 0) + shard["bytes_fetched"]
     assert len(fetched) == 2 and {w.rsplit("/", 1)[1] for w in fetched} <= {str(p) for p in cluster.pids}
-    everything = sum(_expected_fetch_per_shard(zoo, s3_zoo))
+    everything = sum(_expected_fetch_per_shard(zoo))
     inputs = (len(SKILLS) + 1) * s3_zoo["model_bytes"]
     assert sum(fetched.values()) == everything and everything < 1.05 * inputs
     # extraction was split the same way: each part read its shard's float tensors from every input
     parts = sorted(result["extraction_fetch"], key=lambda p: p["index"])
-    floats, headers = _float_bytes_per_shard(zoo)
+    _, floats, headers = _shard_bytes(zoo)
     assert [p["index"] for p in parts] == list(range(len(floats)))
     for part, data in zip(parts, floats, strict=True):
         assert (len(SKILLS) + 1) * data < part["bytes_fetched"] <= (len(SKILLS) + 1) * data + 2 * headers, part

@@ -398,7 +398,7 @@ def test_dare_masks_are_drawn_per_row_chunk(tmp_path, monkeypatch):
 
 
 def test_kth_largest_is_exact_on_large_tensors_with_ties():
-    from metamerge.methods.kernels import kth_largest, magnitude_mask
+    from metamerge.methods.selection import kth_largest, magnitude_mask
 
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(3_000_000, generator=gen).to(torch.bfloat16).float().abs()  # many exact ties
@@ -426,7 +426,7 @@ def test_the_norm_of_a_difference_is_the_norm_of_the_written_difference(n):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_blockwise_trim_zeroes_exactly_the_entries_a_full_sort_drops(n, bf16):
     """The CPU trim works per block with a sampled bracket; a full sort is the independent reference."""
-    from metamerge.methods.kernels import kth_largest, trim_
+    from metamerge.methods.selection import kth_largest, trim_
 
     gen = torch.Generator().manual_seed(n)
     tau = torch.randn(n, generator=gen)
