@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from metamerge.engine.checkpoint import TensorInfo
+from metamerge.engine.checkpoint import CheckpointReader, TensorInfo
 from metamerge.engine.coefficients import Coefficients
 from metamerge.engine.merge import MergeReport, link_or_copy, set_config_dtype
 from metamerge.engine.remote import ModelSource, open_checkpoint
@@ -42,9 +42,10 @@ def output_shard_files(base_dir: ModelSource, dtype: str = "auto", shard_size_mb
     return shard_filenames(len(group_into_shards(tensors, shard_size_mb * 1024 * 1024)))
 
 
-def output_shard_tensors(base_dir: ModelSource, index: int, dtype: str = "auto", shard_size_mb: float = 2000) -> list[str]:
+def output_shard_tensors(base: CheckpointReader, index: int, dtype: str = "auto", shard_size_mb: float = 2000,
+                         ) -> list[str]:
     """Names of the tensors in output shard `index`: the share of one Dask task (merge or extraction)."""
-    tensors = output_plan(open_checkpoint(base_dir, "base"), dtype)
+    tensors = output_plan(base, dtype)
     return [info.name for info in group_into_shards(tensors, shard_size_mb * 1024 * 1024)[index]]
 
 

@@ -17,7 +17,7 @@ import torch
 from metamerge.engine import checkpoint
 from metamerge.engine.checkpoint import CheckpointReader, row_chunks
 from metamerge.engine.compat import align, aligned_rows, tied_aliases
-from metamerge.engine.lora import LoraReader, open_finetune
+from metamerge.engine.lora import LoraReader, is_adapter, open_finetune
 from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.errors import CheckpointError
 from metamerge.io.ranged import RemoteModel
@@ -120,23 +120,27 @@ def extract_stats_many(
     results: dict[str, TaskVectorStats] = {}
     full: list[tuple[ModelSource, str]] = []
     for finetune_dir, label in finetunes:
-        finetune = open_finetune(base_dir, finetune_dir, label)
-        if isinstance(finetune, LoraReader) and plan.sparsify == "none":
-            results[label] = _adapter_stats(base_dir, base, finetune, label)
+        if plan.sparsify == "none" and not isinstance(finetune_dir, RemoteModel) and is_adapter(finetune_dir):
+            results[label] = _adapter_stats(base_dir, base, LoraReader(base_dir, finetune_dir, label), label)
         else:
             full.append((finetune_dir, label))
     if full:
-        sums = tensor_sums(base_dir, full, plan, vocab)
+        sums = tensor_sums(base_dir, full, plan, vocab, base=base)
         floats = [name for name in base.names if base.info(name).is_float]
         results.update(zip(sums.labels, combine_tensor_sums([sums], floats), strict=True))
+    base.close()
     return [results[label] for _, label in finetunes]
 
 
 def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]], plan: MergePlan | None = None,
-                vocab: str = "base", names: set[str] | None = None) -> TensorSums:
-    """One pass over the base's float tensors (only `names`, when given) and every fine-tune's."""
+                vocab: str = "base", names: set[str] | None = None, base: CheckpointReader | None = None) -> TensorSums:
+    """One pass over the base's float tensors (only `names`, when given) and every fine-tune's.
+
+    `base`: the base already opened by the caller (its headers are not read again); the caller closes it.
+    """
     plan = plan or MergePlan()
-    base = open_checkpoint(base_dir, "base")
+    owned = base is None
+    base = base if base is not None else open_checkpoint(base_dir, "base")
     sums = [_Sums(label, finetune, align(base, finetune, vocab))
             for label, finetune in ((label, open_finetune(base_dir, d, label)) for d, label in finetunes)]
     tensors = [name for name in base.names if base.info(name).is_float and (names is None or name in names)]
@@ -170,7 +174,7 @@ def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]],
             if not math.isfinite(value) or not math.isfinite(raw_sq):
                 raise CheckpointError(f"fine-tune {ft.label!r}: tensor {name!r} contains NaN or Inf")
             ft.values[name] = (value, raw_sq if plan.sparsify != "none" else value, math.prod(info.shape))
-    for reader in (base, *(ft.reader for ft in sums)):
+    for reader in ((base,) if owned else ()) + tuple(ft.reader for ft in sums):
         reader.close()
     return TensorSums([ft.label for ft in sums], base_sqs, {ft.label: ft.values for ft in sums},
                       {ft.label: dict(ft.alignment.dropped_rows) for ft in sums})

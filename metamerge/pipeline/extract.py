@@ -61,10 +61,12 @@ def extract_part(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedMo
     store, ranged = shared_store(recipe), reads_in_place(recipe)
     fetched = FETCHED.bytes
     base_source = input_source(base, store, ranged)
-    names = output_shard_tensors(base_source, index, recipe.merge.dtype, recipe.merge.shard_size_mb)
+    base_reader = open_checkpoint(base_source, "base")
+    names = output_shard_tensors(base_reader, index, recipe.merge.dtype, recipe.merge.shard_size_mb)
     sources = [(input_source(ft, store, ranged), label) for ft, label in zip(finetunes, labels, strict=True)]
     full = [(source, label) for source, label in sources if isinstance(source, RemoteModel) or not is_adapter(source)]
-    sums = tensor_sums(base_source, full, _weighed(plan), recipe.merge.vocab, set(names))
+    sums = tensor_sums(base_source, full, _weighed(plan), recipe.merge.vocab, set(names), base=base_reader)
+    base_reader.close()
     return {"index": index, "sums": sums, "bytes_fetched": FETCHED.bytes - fetched,
             "worker": f"{socket.gethostname()}/{os.getpid()}"}
 

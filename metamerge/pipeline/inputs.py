@@ -11,7 +11,7 @@ from metamerge.io.ranged import RemoteModel
 from metamerge.io.shared import SharedStore
 from metamerge.recipe import Recipe
 from metamerge.refs import ResolvedModel, resolve_ref
-from metamerge.refs.s3 import list_s3_model, resolve_s3
+from metamerge.refs.s3 import cache_folder, list_s3_model
 
 
 def digest_cache(workdir: Path) -> DigestCache:
@@ -21,15 +21,10 @@ def digest_cache(workdir: Path) -> DigestCache:
 def resolve(ref: str, workdir: Path, endpoint_url: str | None = None, download: bool = True) -> ResolvedModel:
     """`download=False` (Dask with ranged reads): an s3:// ref is only listed; workers read it in place."""
     if not download and ref.startswith("s3://"):
-        listed = resolve_s3(ref, Path(workdir), endpoint_url, download=False)
-        if not _is_adapter_listing(ref, endpoint_url):
-            return listed
+        remote, _ = list_s3_model(ref, endpoint_url)
+        if ADAPTER_CONFIG not in remote.files:  # a PEFT adapter is small and read whole: downloaded below
+            return ResolvedModel(ref, cache_folder(Path(workdir), remote.fingerprint), remote.fingerprint)
     return resolve_ref(ref, Path(workdir), endpoint_url)
-
-
-def _is_adapter_listing(ref: str, endpoint_url: str | None) -> bool:
-    """A PEFT adapter in S3 is small and read whole (its config decides how it is scored): download it."""
-    return ADAPTER_CONFIG in list_s3_model(ref, endpoint_url)[0].files
 
 
 def reads_in_place(recipe: Recipe) -> bool:

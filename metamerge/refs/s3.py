@@ -55,17 +55,16 @@ def cache_folder(cache_dir: Path, fingerprint: str) -> Path:
     return cache_dir / "remote" / fingerprint[:24]
 
 
-def resolve_s3(ref: str, cache_dir: Path, endpoint_url: str | None = None, download: bool = True) -> ResolvedModel:
+def resolve_s3(ref: str, cache_dir: Path, endpoint_url: str | None = None) -> ResolvedModel:
     """s3://bucket/prefix: the print comes from remote metadata, so an unchanged model is not re-downloaded.
 
-    Every download is verified against the manifest's digests, or the listed sizes. With
-    `download=False` only the listing is made: workers that read by range fetch what they need.
+    Every download is verified against the manifest's digests, or the listed sizes.
     """
     from metamerge.io.s3 import s3_client, s3_error
 
     model, manifest = list_s3_model(ref, endpoint_url)
     local = cache_folder(cache_dir, model.fingerprint)
-    if download and not (local / ".complete").exists():
+    if not (local / ".complete").exists():
         client = s3_client(endpoint_url)
         try:
             _download(client, model, local, manifest)
