@@ -17,6 +17,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.runtime import flow_run
 
 from metamerge import progress
+from metamerge.faults import rendezvous
 from metamerge.methods.registry import plan_for
 from metamerge.pipeline.evaluate import eval_spec, score_table
 from metamerge.pipeline.extract import (
@@ -133,6 +134,7 @@ def merge_flow(recipe: str | dict[str, Any], run_id: str | None = None,
     logger.info("λ: %s", {k: round(v, 4) for k, v in coefficients.model_level().items()})
 
     refresh = not merge_available(rec, base, finetunes, coefficients)
+    rendezvous("merge-slot")  # tests: concurrent runs line up here, so that only the slot can serialize their merges
     with clock.stage("merge"), stage_slot(MERGE_SLOTS, needed=refresh):  # one merge per GPU across runs
         if dask:  # one task per output shard, spread over the workers; then a small finalize task
             merged = merge_by_shard(rec, base, finetunes, solved, opts, refresh=refresh,

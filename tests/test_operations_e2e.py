@@ -96,7 +96,11 @@ def test_deploy_creates_limits_and_alerts_that_serialize_merges_and_notify(
            "METAMERGE_REGISTRY": str(tmp_path / "registry"), "METAMERGE_TIMEZONE": "UTC",
            "METAMERGE_ALERT_WEBHOOK": receiver.url, "METAMERGE_MISSED_NIGHT_WINDOW": f"{MISSED_WINDOW_S}s",
            # each merge lasts ≥ 3 s, so that runs started together would overlap without the limit
-           "METAMERGE_TEST_PAUSE_AT": "merge", "METAMERGE_TEST_PAUSE_S": "3"}
+           "METAMERGE_TEST_PAUSE_AT": "merge", "METAMERGE_TEST_PAUSE_S": "3",
+           # and the two good runs wait for each other just before the merge slot: both are running then,
+           # however slowly the worker starts them (under load one could otherwise finish first)
+           "METAMERGE_TEST_RENDEZVOUS_AT": "merge-slot", "METAMERGE_TEST_RENDEZVOUS_N": "2",
+           "METAMERGE_TEST_RENDEZVOUS_DIR": str(tmp_path / "rendezvous")}
     _cli(env, "work-pool", "create", "metamerge", "--type", "process")
     _cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     _cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")  # converges
