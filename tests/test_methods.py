@@ -1,5 +1,7 @@
 """Every method, through the streaming engine, against dense references written from the formulas."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -412,7 +414,7 @@ def test_kth_largest_is_exact_on_large_tensors_with_ties():
 @pytest.mark.parametrize("n", [1, 65_536, 65_537, 3 * 65_536 + 5])
 def test_the_norm_of_a_difference_is_the_norm_of_the_written_difference(n):
     """The fused norm pass must give the very float64 the two-step one gave: λ and stats stay bit-equal."""
-    from metamerge.methods.kernels import sq_norm, sq_norm_of_difference
+    from metamerge.methods.norms import sq_norm, sq_norm_of_difference
 
     gen = torch.Generator().manual_seed(n)
     theta0 = torch.randn(n, generator=gen)
@@ -420,6 +422,46 @@ def test_the_norm_of_a_difference_is_the_norm_of_the_written_difference(n):
     fused = sq_norm_of_difference(theta, theta0)
     assert fused == sq_norm(theta - theta0)
     assert fused == pytest.approx(float(((theta.double() - theta0.double()) ** 2).sum()), rel=1e-5)
+
+
+_NORMS_SCRIPT = """
+import math, random, sys
+import torch
+from metamerge.methods.norms import sq_norm, sq_norm_of_difference
+torch.set_num_threads(int(sys.argv[1]))
+rnd = random.Random(7)
+values = []
+for n in (1, 255, 256, 65_536, 65_537, 400_001):
+    # inputs from Python's generator: torch.randn itself differs between vector widths
+    x = torch.tensor([rnd.gauss(0.0, 1.0) for _ in range(n)])
+    y = x + torch.tensor([rnd.gauss(0.0, 1e-3) for _ in range(n)])
+    values += [sq_norm(x), sq_norm_of_difference(y, x)]
+    exact = math.fsum(v * v for v in (y - x).double().tolist())  # the difference is made in float32
+    assert abs(values[-1] - exact) <= 1e-12 * exact, (n, values[-1], exact)
+print(" ".join(v.hex() for v in values))
+"""
+
+
+def test_norms_are_the_same_float_on_any_core_count_and_vector_width():
+    """λ decides merged bytes: a 2-core AVX2 worker and a 16-core AVX-512 one must compute the same ‖τ‖².
+
+    Each configuration runs in its own process (the kernel family is chosen at start-up); the
+    floats must be bit-equal, and close to a correctly rounded reference (checked in the script).
+    """
+    import subprocess
+    import sys
+
+    prints = set()
+    for capability in ("default", "avx2", None):
+        for threads in (1, 2):
+            env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+            if capability:
+                env["ATEN_CPU_CAPABILITY"] = capability
+            done = subprocess.run([sys.executable, "-c", _NORMS_SCRIPT, str(threads)], env=env, capture_output=True,
+                                  text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+            prints.add(done.stdout.strip())
+    assert len(prints) == 1, prints
 
 
 @pytest.mark.parametrize("n", [70_000, 1_300_000])

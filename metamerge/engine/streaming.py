@@ -27,6 +27,7 @@ from metamerge.engine.writer import (
 )
 from metamerge.errors import CheckpointError
 from metamerge.faults import hang_point
+from metamerge.methods import ties
 from metamerge.methods.kernels import chunked, combine, sparsify_
 from metamerge.methods.plan import MergePlan
 
@@ -103,6 +104,9 @@ def _merge_piece(
     """
     if plan.linear and out is not None:
         return _linear_piece_blocked(stacked, weights, plan, labels, name, out, base_label)
+    if ties.fused(plan, stacked):
+        return ties.ties_piece(stacked, weights, plan, out,
+                               lambda gram, base_sq: _require_finite(gram, base_sq, labels, name, base_label))
     base, taus = stacked[0], stacked[1:]
     base_sq = float(torch.dot(base, base))
     taus.sub_(base)

@@ -18,13 +18,15 @@ from metamerge.engine import checkpoint
 from metamerge.engine.checkpoint import CheckpointReader, row_chunks
 from metamerge.engine.compat import align, aligned_rows, tied_aliases
 from metamerge.engine.lora import LoraReader, is_adapter, open_finetune
+from metamerge.engine.prefetch import read_ahead
 from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.errors import CheckpointError
 from metamerge.io.ranged import RemoteModel
-from metamerge.methods.kernels import chunked, sq_norm, sq_norm_after_sparsify, sq_norm_of_difference
+from metamerge.methods.kernels import chunked
+from metamerge.methods.norms import one_thread, sq_norm, sq_norm_after_sparsify, sq_norms_of_differences
 from metamerge.methods.plan import MergePlan
 
-STATS_VERSION = 3  # 2: ‖θ₀‖², raw ‖τ‖², vocabulary rows dropped; 3: ‖τ‖² summed in 64 K float64 blocks
+STATS_VERSION = 4  # 2: ‖θ₀‖², raw ‖τ‖², dropped vocabulary rows; 3: 64 K float64 blocks; 4: machine-independent sums
 
 
 @dataclass(frozen=True)
@@ -146,36 +148,50 @@ def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]],
     tensors = [name for name in base.names if base.info(name).is_float and (names is None or name in names)]
     capacity = checkpoint.CHUNK_ELEMENTS
     aliases = tied_aliases(base) if plan.random else {}
-    ft_buffer, base_buffer = torch.empty(capacity), torch.empty(capacity)
     _expect_reads(base, sums, plan, capacity, tensors)
+    pieces = {name: row_chunks(base.info(name), capacity) if chunked(plan) else [None] for name in tensors}
+    order = [(name, rows) for name in tensors if sums for rows in pieces[name]]
+    slots = [[torch.empty(capacity) for _ in range(len(sums) + 1)] for _ in range(2)] if order else []
+
+    def load(index: int, slot: int) -> list[torch.Tensor]:
+        name, rows = order[index]
+        buffers = slots[slot]
+        return [_read_f32(base, name, rows, buffers[0])] + [
+            _read_f32(ft.reader, name, aligned_rows(ft.alignment, name, rows), buffer)
+            for ft, buffer in zip(sums, buffers[1:], strict=True)]
+
+    loaded = read_ahead(len(order), load)
     base_sqs: dict[str, float] = {}
-    for name in tensors if sums else []:
-        info = base.info(name)
-        base_sq = 0.0
-        values = [0.0] * len(sums)
-        raws = [0.0] * len(sums)
-        for rows in row_chunks(info, capacity) if chunked(plan) else [None]:
-            theta0 = _read_f32(base, name, rows, base_buffer)
-            base_sq += float(torch.dot(theta0, theta0))
-            for i, ft in enumerate(sums):
-                theta = _read_f32(ft.reader, name, aligned_rows(ft.alignment, name, rows), ft_buffer)
-                if plan.sparsify == "none":  # τ is never written: one read of the piece, in cache
-                    values[i] += sq_norm_of_difference(theta, theta0)
-                    continue
-                tau = theta.sub_(theta0)
-                raws[i] += float(torch.dot(tau, tau))
-                values[i] += sq_norm_after_sparsify(tau, plan, ft.label, aliases.get(name, name),
-                                                    rows[0] if rows else 0,
-                                                    info.shape[-1] if len(info.shape) > 1 else None)
-        if not math.isfinite(base_sq):
-            raise CheckpointError(f"base {getattr(base_dir, 'ref', base_dir)}: tensor {name!r} contains NaN or Inf")
-        base_sqs[name] = base_sq
-        for ft, value, raw_sq in zip(sums, values, raws, strict=True):
-            if not math.isfinite(value) or not math.isfinite(raw_sq):
-                raise CheckpointError(f"fine-tune {ft.label!r}: tensor {name!r} contains NaN or Inf")
-            ft.values[name] = (value, raw_sq if plan.sparsify != "none" else value, math.prod(info.shape))
-    for reader in ((base,) if owned else ()) + tuple(ft.reader for ft in sums):
-        reader.close()
+    try:
+        with one_thread():  # the reader has the other core; sums that do not depend on thread count
+            for name in tensors if sums else []:
+                info = base.info(name)
+                base_sq = 0.0
+                values = [0.0] * len(sums)
+                raws = [0.0] * len(sums)
+                for rows in pieces[name]:
+                    theta0, *thetas = next(loaded)
+                    base_sq += float(torch.dot(theta0, theta0))
+                    if plan.sparsify == "none":  # τ is never written: one read of each piece, in cache
+                        values = [v + d for v, d in zip(values, sq_norms_of_differences(thetas, theta0), strict=True)]
+                        continue
+                    for i, (ft, theta) in enumerate(zip(sums, thetas, strict=True)):
+                        tau = theta.sub_(theta0)
+                        raws[i] += float(torch.dot(tau, tau))
+                        values[i] += sq_norm_after_sparsify(tau, plan, ft.label, aliases.get(name, name),
+                                                            rows[0] if rows else 0,
+                                                            info.shape[-1] if len(info.shape) > 1 else None)
+                if not math.isfinite(base_sq):
+                    raise CheckpointError(f"base {getattr(base_dir, 'ref', base_dir)}: tensor {name!r} contains NaN or Inf")
+                base_sqs[name] = base_sq
+                for ft, value, raw_sq in zip(sums, values, raws, strict=True):
+                    if not math.isfinite(value) or not math.isfinite(raw_sq):
+                        raise CheckpointError(f"fine-tune {ft.label!r}: tensor {name!r} contains NaN or Inf")
+                    ft.values[name] = (value, raw_sq if plan.sparsify != "none" else value, math.prod(info.shape))
+    finally:
+        loaded.close()
+        for reader in ((base,) if owned else ()) + tuple(ft.reader for ft in sums):
+            reader.close()
     return TensorSums([ft.label for ft in sums], base_sqs, {ft.label: ft.values for ft in sums},
                       {ft.label: dict(ft.alignment.dropped_rows) for ft in sums})
 

@@ -91,7 +91,7 @@ def combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: tor
         # cache-sized blocks: the election takes ~10 element-wise passes, cheap only in cache
         for start in range(0, flat.shape[1], CONSENSUS_BLOCK):
             block = flat[:, start : start + CONSENSUS_BLOCK]
-            _elect_and_combine(block, weights, plan, delta[start : start + CONSENSUS_BLOCK])
+            elect_and_combine(block, weights, plan, delta[start : start + CONSENSUS_BLOCK])
         delta = delta.reshape(taus.shape[1:])
     if plan.spectral == "iso" and matrix_shape is not None:
         delta = _isotropic(delta, matrix_shape, taus.shape[0] / float(weights.sum()))
@@ -120,76 +120,27 @@ def _isotropic(delta: torch.Tensor, matrix_shape: tuple[int, int], to_sum: float
 CONSENSUS_BLOCK = 1 << 16
 
 
-def _elect_and_combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor) -> None:
-    """TIES on a [T, b] block: sign of Σ w τ (0 elects +), keep agreeing entries, sum or mean."""
+def elect_and_combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor) -> None:
+    """TIES on a [T, b] block: sign of Σ w τ (0 elects +), keep agreeing entries, sum or mean.
+
+    Float arithmetic only: on the CPU a comparison into a bool tensor, a bool-to-float cast or a
+    masked fill costs 3–25× an add on the same entries. Each step is exact (signs are ±1, 0
+    or −0; products by 1 or 0), and every zero, whatever its sign, adds nothing to a sum that
+    starts from +0, so the result is the same floats as sign(τ) == majority with boolean masks.
+    """
     w = weights.reshape(-1, 1)
     if plan.consensus == "ties":
-        majority = torch.where(torch.matmul(weights, taus) >= 0, 1.0, -1.0).to(taus.dtype)
-        mask = (taus * majority > 0).to(taus.dtype)  # sign(τ) == majority: τ = 0 agrees with neither
+        majority = torch.matmul(weights, taus).sign_().add_(0.5).sign_()  # −1 or +1; a 0 sum elects +
+        weighted_mask = torch.mul(taus, majority).sign_().clamp_min_(0.0).mul_(w)  # w where τ agrees, else ±0
     else:
-        mask = torch.ones_like(taus)
-    weighted_mask = mask.mul_(w)
+        weighted_mask = w.expand_as(taus).clone()
     torch.sum(taus * weighted_mask, dim=0, out=out)
     if plan.normalize:
         divisor = weighted_mask.sum(dim=0)
-        out.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        out.div_(divisor.add_(divisor.sign().abs_().neg_().add_(1.0)))  # a 0 divisor becomes 1, others stay
 
 
 def chunked(plan: MergePlan) -> bool:
     """Row chunks of a tensor merge independently, except under a whole-tensor rule: TIES' and
     Breadcrumbs' magnitude ranks, Iso-C's SVD. (DELLA ranks within rows, and chunks are whole rows.)"""
     return plan.sparsify not in ("magnitude", "outliers") and plan.spectral == "none"
-
-
-_F64_BLOCK = 1 << 16
-
-
-def sq_norm(tau: torch.Tensor) -> float:
-    """‖τ‖² accumulated in float64, one cache-sized block at a time.
-
-    Not `vector_norm(tau, dtype=float64)`: that casts the whole piece to a new float64 tensor
-    first (30 ms for an 8 M-element chunk, five times the arithmetic, and most of MetaGPT's norm
-    pass). Blocks of 64 K keep the float64 copy in cache and the sums as exact.
-    """
-    flat = tau.reshape(-1)
-    if flat.dtype == torch.float64 or flat.numel() <= _F64_BLOCK:
-        wide = flat.to(torch.float64)
-        return float(torch.dot(wide, wide))
-    block = torch.empty(_F64_BLOCK, dtype=torch.float64, device=flat.device)
-    total = 0.0
-    for start in range(0, flat.numel(), _F64_BLOCK):
-        part = flat[start : start + _F64_BLOCK]
-        wide = block[: part.numel()]
-        wide.copy_(part)
-        total += float(torch.dot(wide, wide))
-    return total
-
-
-def sq_norm_of_difference(theta: torch.Tensor, theta0: torch.Tensor) -> float:
-    """`sq_norm(theta − theta0)`, the same float, without writing the difference to memory first.
-
-    Each 64 K block's difference is made in float32 (as `sub_` would) and summed in float64 with
-    the same block boundaries as `sq_norm`: the norm pass then reads each piece once, in cache.
-    """
-    a, b = theta.reshape(-1), theta0.reshape(-1)
-    if a.numel() <= _F64_BLOCK:
-        wide = (a - b).to(torch.float64)
-        return float(torch.dot(wide, wide))
-    narrow = torch.empty(_F64_BLOCK, dtype=a.dtype, device=a.device)
-    block = torch.empty(_F64_BLOCK, dtype=torch.float64, device=a.device)
-    total = 0.0
-    for start in range(0, a.numel(), _F64_BLOCK):
-        count = min(_F64_BLOCK, a.numel() - start)
-        difference = torch.sub(a[start : start + count], b[start : start + count], out=narrow[:count])
-        wide = block[:count]
-        wide.copy_(difference)
-        total += float(torch.dot(wide, wide))
-    return total
-
-
-def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0,
-                           row_length: int | None = None) -> float:
-    """‖sparsify(τ)‖², which is what MetaGPT weighs when combined with TIES or DARE."""
-    if plan.sparsify == "none":
-        return sq_norm(tau)
-    return sq_norm(sparsify_(tau.unsqueeze(0), plan, [label], tensor_name, part, row_length)[0])

@@ -1,0 +1,34 @@
+"""Read-ahead: load piece i+1 on a background thread while piece i is being computed.
+
+A pass over checkpoints alternates between copying bytes out of the page cache (or S3) and
+arithmetic on them; on a machine with two or more cores the two overlap, so a pass costs the
+larger of the two instead of their sum. Loads go into two alternating slots of reused buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+Loaded = TypeVar("Loaded")
+
+
+def read_ahead(count: int, load: Callable[[int, int], Loaded]) -> Iterator[Loaded]:
+    """Yields load(0, slot 0), load(1, slot 1), load(2, slot 0)…, each started while the previous is used.
+
+    `load(index, slot)` must write only into buffers of `slot`: the consumer is still reading
+    the other slot's. A load's exception is raised where its result is taken.
+    """
+    if count == 0:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        pending: Future = pool.submit(load, 0, 0)
+        try:
+            for index in range(count):
+                loaded = pending.result()
+                if index + 1 < count:
+                    pending = pool.submit(load, index + 1, (index + 1) % 2)
+                yield loaded
+        finally:
+            pending.cancel()

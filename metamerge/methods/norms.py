@@ -1,0 +1,102 @@
+"""‖τ‖² that every machine computes to the very same float, whatever its cores or vector width.
+
+MetaGPT's λ_t = ‖τ_t‖² / Σ_k ‖τ_k‖² is the only place where a sum over a whole model decides
+merged bytes. A BLAS dot (or torch's inner-dimension sum) splits its sum by thread count and
+by SIMD width, so the same recipe gave λ differing in the last bits between a 2-core and a
+16-core worker, or between an AVX2 and an AVX-512 machine, and with it a different merge.
+
+Here each float32 entry is squared exactly in float64 (24-bit mantissas: the square needs
+48 of float64's 53 bits), the squares are summed column-wise over a [rows, 256] view (every
+column accumulates its rows in order: SIMD lanes are columns, so lane width changes nothing)
+on one thread, and the 256 column sums meet in `math.fsum` (correctly rounded). Only the
+order within a column is fixed by the code, not by the machine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from metamerge.methods.kernels import sparsify_
+from metamerge.methods.plan import MergePlan
+
+BLOCK = 1 << 16  # entries per step: the float64 copy stays in cache
+COLUMNS = 256
+
+
+class _SquareSums:
+    """Accumulates Σ x² of float32 blocks into 256 float64 column sums."""
+
+    def __init__(self, device: torch.device):
+        self.columns = torch.zeros(COLUMNS, dtype=torch.float64, device=device)
+        self.wide = torch.zeros(BLOCK, dtype=torch.float64, device=device)
+
+    def add(self, block: torch.Tensor) -> None:
+        count = block.numel()
+        padded = -(-count // COLUMNS) * COLUMNS
+        wide = self.wide[:padded]
+        wide[:count].copy_(block)
+        wide[count:].zero_()
+        wide.mul_(wide)
+        self.columns.add_(wide.view(-1, COLUMNS).sum(dim=0))
+
+    def total(self) -> float:
+        return math.fsum(self.columns.tolist())
+
+
+def sq_norm(tau: torch.Tensor) -> float:
+    """‖τ‖², the same float on any machine (see the module note)."""
+    flat = tau.reshape(-1)
+    with one_thread():
+        sums = _SquareSums(flat.device)
+        for start in range(0, flat.numel(), BLOCK):
+            sums.add(flat[start : start + BLOCK])
+        return sums.total()
+
+
+def sq_norm_of_difference(theta: torch.Tensor, theta0: torch.Tensor) -> float:
+    """`sq_norm(theta − theta0)`, the same float, without writing the difference to memory first."""
+    return sq_norms_of_differences([theta], theta0)[0]
+
+
+def sq_norms_of_differences(thetas: list[torch.Tensor], theta0: torch.Tensor) -> list[float]:
+    """[`sq_norm_of_difference(θ, theta0)` for θ in thetas], each the same float, reading theta0 once.
+
+    Block by block across all fine-tunes: a base block is fetched from memory once and stays
+    in cache while every fine-tune's difference is formed against it.
+    """
+    b = theta0.reshape(-1)
+    flats = [theta.reshape(-1) for theta in thetas]
+    with one_thread():
+        sums = [_SquareSums(b.device) for _ in flats]
+        narrow = torch.empty(min(BLOCK, b.numel()), dtype=b.dtype, device=b.device)
+        for start in range(0, b.numel(), BLOCK):
+            count = min(BLOCK, b.numel() - start)
+            base_block = b[start : start + count]
+            for a, square_sums in zip(flats, sums, strict=True):
+                square_sums.add(torch.sub(a[start : start + count], base_block, out=narrow[:count]))
+        return [square_sums.total() for square_sums in sums]
+
+
+def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0,
+                           row_length: int | None = None) -> float:
+    """‖sparsify(τ)‖², which is what MetaGPT weighs when combined with TIES or DARE."""
+    if plan.sparsify == "none":
+        return sq_norm(tau)
+    return sq_norm(sparsify_(tau.unsqueeze(0), plan, [label], tensor_name, part, row_length)[0])
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread: a reduction split across threads depends on their number."""
+    previous = torch.get_num_threads()
+    if previous != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if previous != 1:
+            torch.set_num_threads(previous)

@@ -1,0 +1,154 @@
+"""The blocked TIES pass (methods/ties.py) against the unfused kernels and the formulas, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metamerge.methods import selection, ties
+from metamerge.methods.kernels import combine, elect_and_combine, sparsify_
+from metamerge.methods.plan import MergePlan
+
+N = 3 * ties.BLOCK + 12_345  # several blocks and a ragged last one, above SELECT_MIN
+
+
+def _plan(**overrides) -> MergePlan:
+    fields = dict(sparsify="magnitude", density=0.2, consensus="ties", weighting="constant", scale=1.0,
+                  normalize=True)
+    fields.update(overrides)
+    return MergePlan(**fields)
+
+
+def _stacked(kind: str, count: int = 3, n: int = N) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(n, generator=gen) * 0.02
+    rows = [base]
+    for _ in range(count):
+        theta = base + torch.randn(n, generator=gen) * 0.002
+        if kind == "bf16":  # bf16 checkpoints: few distinct |τ|, ties at every threshold
+            theta = theta.to(torch.bfloat16).to(torch.float32)
+            rows[0] = base.to(torch.bfloat16).to(torch.float32)
+        rows.append(theta)
+    stacked = torch.stack(rows)
+    if kind == "tiny":  # thresholds so small that 1 ulp below them is subnormal: the unfused fallback
+        stacked[1:] = stacked[0] + (stacked[1:] - stacked[0]) * 1e-33
+    if kind == "ties":  # |τ| = PLANTED exactly at 1 % of positions, both signs, where the threshold falls
+        stacked[0, ::97] = 0.0
+        stacked[1:, ::97] = torch.tensor([[PLANTED], [-PLANTED], [PLANTED]])
+    return stacked
+
+
+PLANTED = 0.0026  # ≈ the 80th percentile of |N(0, 0.002)|: with 1 % planted, the top 20 % ends inside them
+
+
+def test_the_planted_ties_sit_at_the_threshold():
+    """Guards the "ties" case: its threshold must be the planted value, shared by far more entries than kept."""
+    taus = _stacked("ties")[1:] - _stacked("ties")[0]
+    k = int(0.2 * N)
+    for t in range(3):
+        magnitudes = taus[t].abs()
+        threshold = torch.sort(magnitudes, descending=True).values[k - 1]
+        assert threshold == torch.tensor(PLANTED)
+        assert int((magnitudes >= threshold).sum()) - k > 100  # more than a hundred ties to break
+
+
+def _unfused(stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    base, taus = stacked[0], stacked[1:] - stacked[0]
+    sparsify_(taus, plan, ["a", "b", "c"][: taus.shape[0]], "w")
+    return combine(taus, weights, plan).add_(base)
+
+
+def _blocked(stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    checked = []
+    merged, gram, base_sq = ties.ties_piece(stacked.clone(), weights, plan, None,
+                                            lambda g, b: checked.append((g.clone(), b)))
+    taus = (stacked[1:] - stacked[0]).double()
+    assert len(checked) == 1
+    assert torch.allclose(gram, taus @ taus.T, rtol=1e-5)  # the raw τ's gram, before trimming
+    assert base_sq == pytest.approx(float(stacked[0].double().square().sum()), rel=1e-5)
+    return merged
+
+
+@pytest.mark.parametrize("kind", ["random", "bf16", "ties", "tiny"])
+@pytest.mark.parametrize("variant", [{}, {"normalize": False}, {"scale": 0.7}, {"density": 0.05}])
+def test_blocked_ties_is_the_unfused_merge_bit_for_bit(kind, variant):
+    plan = _plan(**variant)
+    stacked = _stacked(kind)
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    assert ties.fused(plan, stacked)
+    blocked, unfused = _blocked(stacked, weights, plan), _unfused(stacked, weights, plan)
+    assert torch.equal(blocked.view(torch.int32), unfused.view(torch.int32))
+
+
+def test_blocked_ties_matches_the_formulas():
+    """Independent of both kernels: argsort top-k (ties to the lower index), majority sign, disjoint mean."""
+    plan, stacked = _plan(), _stacked("bf16")
+    weights = torch.ones(3)
+    taus = (stacked[1:] - stacked[0]).clone()
+    k = int(plan.density * N)
+    for t in range(3):
+        order = torch.sort(taus[t].abs(), descending=True, stable=True).indices  # stable: lower index first
+        keep = torch.zeros(N, dtype=torch.bool)
+        keep[order[:k]] = True
+        taus[t][~keep] = 0.0
+    majority = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(taus) == majority) & (taus != 0)
+    expected = stacked[0] + (taus * agree).sum(0) / agree.sum(0).clamp_min(1)
+    assert torch.equal(_blocked(stacked, weights, plan), expected)
+
+
+def test_a_missed_bracket_falls_back_to_the_full_scan(monkeypatch):
+    """Fault injection: a bracket that holds nothing must still give the exact merge."""
+    plan, stacked, weights = _plan(), _stacked("ties"), torch.ones(3)
+    expected = _unfused(stacked, weights, plan)
+    monkeypatch.setattr(ties, "_bracket", lambda sample, k, n: (torch.tensor(9.0), torch.tensor(10.0)))
+    assert torch.equal(_blocked(stacked, weights, plan), expected)
+
+
+def test_nan_in_a_fine_tune_is_reported_before_anything_is_trimmed():
+    stacked = _stacked("random")
+    stacked[2, 70_000] = float("nan")
+    seen = []
+    with pytest.raises(ValueError, match="NaN"):
+        ties.ties_piece(stacked, torch.ones(3), _plan(), None, lambda g, b: seen.append(g) or _raise(g))
+    assert seen and not bool(torch.isfinite(seen[0].diagonal()).all())
+
+
+def _raise(gram: torch.Tensor) -> None:
+    if not bool(torch.isfinite(gram.diagonal()).all()):
+        raise ValueError("NaN in a task vector")
+
+
+def _elect_with_bool_masks(taus, weights, plan):
+    """The election as it was written before (sign compare, bool masks): the reference."""
+    w = weights.reshape(-1, 1)
+    majority = torch.where(torch.matmul(weights, taus) >= 0, 1.0, -1.0)
+    mask = (taus * majority > 0).to(taus.dtype)
+    weighted = mask * w
+    out = torch.sum(taus * weighted, dim=0)
+    if plan.normalize:
+        divisor = weighted.sum(dim=0)
+        out = out / divisor.masked_fill(divisor == 0, 1.0)
+    return out
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, -0.25, 2.0], [1.0, -1.0, 0.0]])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_arithmetic_election_is_the_boolean_one(weights, normalize):
+    """Zeros of both signs, exact cancellations, negative and zero weights: the same floats."""
+    gen = torch.Generator().manual_seed(3)
+    taus = torch.randn(3, 50_000, generator=gen)
+    taus[:, ::5] = 0.0
+    taus[1, ::7] = -0.0
+    taus[2, ::11] = -taus[0, ::11]
+    plan = _plan(normalize=normalize)
+    w = torch.tensor(weights)
+    out = torch.empty(50_000)
+    elect_and_combine(taus.clone(), w, plan, out)
+    assert torch.equal(out.view(torch.int32), _elect_with_bool_masks(taus, w, plan).view(torch.int32))
+
+
+def test_small_tensors_keep_the_unfused_path():
+    assert not ties.fused(_plan(), torch.zeros(4, selection.SELECT_MIN))
+    assert not ties.fused(_plan(sparsify="random"), _stacked("random"))
+    assert not ties.fused(_plan(spectral="iso"), _stacked("random"))
