@@ -168,3 +168,39 @@ def test_extracting_together_reads_the_base_once_and_gives_the_same_bytes(tmp_pa
         assert together == alone  # every float sum identical, not just close
         per_input = {label: reads.count(label) for label in set(reads)}
         assert per_input["base"] == per_input["ft0"] == per_input["ft1"] == per_input["ft2"] > 0
+
+
+def test_read_ahead_yields_in_order_alternates_slots_and_leaves_no_thread():
+    """The norm pass's read-ahead: piece i+1 loads into the other slot; an error surfaces where its
+    piece is taken; closing early (a failed pass) waits for the load in flight, so no thread survives."""
+    import threading
+
+    from metamerge.engine.prefetch import read_ahead
+
+    calls: list[tuple[int, int]] = []
+
+    def load(index: int, slot: int) -> int:
+        calls.append((index, slot))
+        if index == 3:
+            raise CheckpointError("piece 3 is corrupt")
+        return index * 10
+
+    pieces = read_ahead(5, load)
+    assert [next(pieces), next(pieces), next(pieces)] == [0, 10, 20]
+    with pytest.raises(CheckpointError, match="piece 3"):
+        next(pieces)
+    assert calls == [(0, 0), (1, 1), (2, 0), (3, 1)]
+
+    started = threading.Event()
+
+    def slow(index: int, slot: int) -> int:
+        started.set()
+        time.sleep(0.3 if index == 1 else 0)
+        return index
+
+    early = read_ahead(3, slow)
+    assert next(early) == 0
+    started.wait()
+    early.close()  # piece 1 is still loading: close waits for it
+    assert not [t for t in threading.enumerate() if t.name.startswith("read-ahead")]
+    assert list(read_ahead(0, slow)) == []

@@ -29,9 +29,14 @@ def _bracket(sample: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.
     return torch.kthvalue(sample, lo_rank).values, torch.kthvalue(sample, hi_rank).values
 
 
-def _sample(values: torch.Tensor) -> torch.Tensor:
+def sample_positions(n: int, device: torch.device) -> torch.Tensor:
+    """The fixed-seed positions a bracket is sampled at: the same for every tensor of n entries."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    return values[torch.randint(values.numel(), (SAMPLE,), generator=gen).to(values.device)]
+    return torch.randint(n, (SAMPLE,), generator=gen).to(device)
+
+
+def _sample(values: torch.Tensor) -> torch.Tensor:
+    return values[sample_positions(values.numel(), values.device)]
 
 
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from metamerge.methods.kernels import combine, elect_and_combine
 from metamerge.methods.plan import MergePlan
-from metamerge.methods.selection import SELECT_MIN, _bracket, _sample, trim_
+from metamerge.methods.selection import SELECT_MIN, _bracket, sample_positions, trim_
 
 BLOCK = 1 << 16
 
@@ -75,16 +75,18 @@ def _first_pass(stacked: torch.Tensor, k: int) -> tuple[torch.Tensor, float, tor
     selection needs; it saves two of the four comparisons into bool tensors per entry.
     """
     count, n = stacked.shape[0] - 1, stacked.shape[1]
-    base = stacked[0]
-    taus_sample = torch.stack([_sample(stacked[1 + t]) for t in range(count)]).sub_(_sample(base)).abs_()
+    sampled = stacked[:, sample_positions(n, stacked.device)]  # one gather for every row
+    taus_sample = sampled[1:].sub_(sampled[0]).abs_()
     brackets = [_bracket(taus_sample[t], k, n) for t in range(count)]
     lo = torch.stack([b[0] for b in brackets]).reshape(count, 1)
     hi = torch.stack([b[1] for b in brackets]).reshape(count, 1)
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     gram = torch.zeros((count, count), dtype=torch.float64)
-    base_sq, above = 0.0, torch.zeros(count, dtype=torch.int64)
+    base_sq, above = 0.0, torch.zeros(count, dtype=torch.float64)
+    # counting by sign(c − half) is exact while no difference can be subnormal (flush-to-zero CPUs)
+    arithmetic_count = float(hi.min()) >= SMALLEST_FLOOR * 2.0**10
     bands = [_Band() for _ in range(count)]
-    magnitudes, centred = torch.empty(count, BLOCK), torch.empty(count, BLOCK)
+    magnitudes, centred, scratch = (torch.empty(count, BLOCK) for _ in range(3))
     for start in range(0, n, BLOCK):
         block = stacked[:, start : start + BLOCK]
         taus, width = block[1:], block.shape[1]
@@ -93,7 +95,10 @@ def _first_pass(stacked: torch.Tensor, k: int) -> tuple[torch.Tensor, float, tor
         gram += (taus @ taus.T).double()
         m = torch.abs(taus, out=magnitudes[:, :width])
         c = torch.sub(m, mid, out=centred[:, :width])
-        above += torch.count_nonzero(c > half, dim=1)
+        if arithmetic_count:  # 0/1 floats: a block's count is exact in float32, the total in float64
+            above += torch.sub(c, half, out=scratch[:, :width]).sign_().clamp_min_(0.0).sum(dim=1)
+        else:
+            above += torch.count_nonzero(c > half, dim=1)
         inside = c.abs_() <= half
         for t in range(count):
             bands[t].append(m[t][inside[t]])
