@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]],
     loaded = read_ahead(len(order), load)
     base_sqs: dict[str, float] = {}
     try:
-        with one_thread():  # the reader has the other core; sums that do not depend on thread count
+        with one_thread() if plan.sparsify == "none" else nullcontext():  # the reader has the other core
             for name in tensors if sums else []:
                 info = base.info(name)
                 base_sq = 0.0
