@@ -71,6 +71,15 @@ def peak_rss(base: Path, fts: list[Path], out: Path, work: Path) -> tuple[float,
     return float(before), float(peak)
 
 
+def derived(row: dict) -> dict:
+    """The verdicts the README quotes: within the memory bound, time per GB of inputs, ratio to the floor."""
+    gigabytes = row["input_mb"] / 1024
+    return {"within_bound": row["peak_rss_mb"] <= row["rss_bound_mb"],
+            "ratio_to_io_floor": round(row["task_arithmetic_s"] / row["io_floor_s"], 2),
+            "task_arithmetic_s_per_gb": round(row["task_arithmetic_s"] / gigabytes, 3),
+            "metagpt_s_per_gb": round(row["metagpt_s"] / gigabytes, 3)}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -124,6 +133,7 @@ def main() -> None:
         row["rss_before_mb"], row["peak_rss_mb"] = round(before, 1), round(peak, 1)
         row["rss_bound_mb"] = round(before + 2 * (count + 2) * CHUNK_MB + 2 * THREAD_STACK_MB, 1)
         row["task_arithmetic_per_ft_s"] = round(row["task_arithmetic_s"] / count, 3)
+        row.update(derived(row))
         rows.append(row)
         print(json.dumps(row))
     result = {"size": args.size, "dims": dims, "model_mb": round(model_mb, 1), "threads": os.cpu_count(),
