@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from metamerge.engine.checkpoint import CheckpointReader, TensorInfo, row_chunks
 from metamerge.engine.coefficients import Coefficients
 from metamerge.engine.compat import Alignment, align, aligned_rows, is_vocab_tensor, tied_aliases
 from metamerge.engine.lora import LoraReader, open_finetune
+from metamerge.engine.prefetch import read_ahead
 from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.engine.writer import (
     ShardedWriter,
@@ -235,16 +237,12 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
     workspaces = [_Workspace(len(labels) + 1, capacity, compute_device.type == "cuda") for _ in range(2)]
     totals = _Totals(gram=torch.zeros((len(labels), len(labels)), dtype=torch.float64))
     weights_cache: dict[str, torch.Tensor] = {}
-    with ThreadPoolExecutor(max_workers=1) as reader_pool, ThreadPoolExecutor(max_workers=1) as writer_pool:
-        pending_read: Future = reader_pool.submit(inputs.load, work[0][0].name, work[0][1], workspaces[0])
+    reads = read_ahead(len(work), lambda index, slot: inputs.load(work[index][0].name, work[index][1], workspaces[slot]))
+    with closing(reads), ThreadPoolExecutor(max_workers=1) as writer_pool:
         pending_write: Future | None = None
         done_bytes = 0
-        for index, (info, rows) in enumerate(work):
-            loaded = pending_read.result()
-            workspace = workspaces[index % 2]
-            if index + 1 < len(work):
-                following = work[index + 1]
-                pending_read = reader_pool.submit(inputs.load, following[0].name, following[1], workspaces[(index + 1) % 2])
+        for index, ((info, rows), loaded) in enumerate(zip(work, reads, strict=True)):
+            workspace = workspaces[index % 2]  # the slot read_ahead loaded this piece into
             shape = base.piece_shape(info.name, rows)
             totals.bytes_read += loaded.numel() * loaded.element_size()
             if base.info(info.name).is_float:

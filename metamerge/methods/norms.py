@@ -28,11 +28,11 @@ COLUMNS = 256
 
 
 class _SquareSums:
-    """Accumulates Σ x² of float32 blocks into 256 float64 column sums."""
+    """Accumulates Σ x² of float32 blocks into 256 float64 column sums; `wide` is scratch it may share."""
 
-    def __init__(self, device: torch.device):
-        self.columns = torch.zeros(COLUMNS, dtype=torch.float64, device=device)
-        self.wide = torch.zeros(BLOCK, dtype=torch.float64, device=device)
+    def __init__(self, wide: torch.Tensor):
+        self.columns = torch.zeros(COLUMNS, dtype=torch.float64, device=wide.device)
+        self.wide = wide
 
     def add(self, block: torch.Tensor) -> None:
         count = block.numel()
@@ -47,11 +47,15 @@ class _SquareSums:
         return math.fsum(self.columns.tolist())
 
 
+def _scratch(device: torch.device) -> torch.Tensor:
+    return torch.empty(BLOCK, dtype=torch.float64, device=device)
+
+
 def sq_norm(tau: torch.Tensor) -> float:
     """‖τ‖², the same float on any machine (see the module note)."""
     flat = tau.reshape(-1)
     with one_thread():
-        sums = _SquareSums(flat.device)
+        sums = _SquareSums(_scratch(flat.device))
         for start in range(0, flat.numel(), BLOCK):
             sums.add(flat[start : start + BLOCK])
         return sums.total()
@@ -71,7 +75,8 @@ def sq_norms_of_differences(thetas: list[torch.Tensor], theta0: torch.Tensor) ->
     b = theta0.reshape(-1)
     flats = [theta.reshape(-1) for theta in thetas]
     with one_thread():
-        sums = [_SquareSums(b.device) for _ in flats]
+        wide = _scratch(b.device)  # one scratch block for all: each add() finishes with it
+        sums = [_SquareSums(wide) for _ in flats]
         narrow = torch.empty(min(BLOCK, b.numel()), dtype=b.dtype, device=b.device)
         for start in range(0, b.numel(), BLOCK):
             count = min(BLOCK, b.numel() - start)

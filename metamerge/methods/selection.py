@@ -16,7 +16,7 @@ SELECT_MIN = 1 << 16  # from this many entries on, a sampled bracket beats a ful
 SAMPLE = 1 << 14
 
 
-def _bracket(sample: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def bracket(sample: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Values around the k-th largest of n, from a sample: ±4 standard errors of its rank (at least ±1 %).
 
     Any bracket gives the exact answer (a missed one falls back), so this only decides the speed.
@@ -49,7 +49,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     n = values.numel()
     if n <= SELECT_MIN:
         return torch.kthvalue(values, n - k + 1).values
-    lo, hi = _bracket(_sample(values), k, n)
+    lo, hi = bracket(_sample(values), k, n)
     above = int(torch.count_nonzero(values > hi))
     if above < k:
         band = values[(values >= lo) & (values <= hi)]
@@ -123,7 +123,7 @@ def trim_(flat: torch.Tensor, density: float) -> torch.Tensor:
 def _kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     """`kth_largest(flat.abs(), k)` (the same exact value) with |τ| made per block, and how many |τ| are ≥ it."""
     n = flat.numel()
-    lo, hi = _bracket(_sample(flat).abs(), k, n)
+    lo, hi = bracket(_sample(flat).abs(), k, n)
     above, bands = 0, []
     for start in range(0, n, TRIM_BLOCK):
         magnitudes = flat[start : start + TRIM_BLOCK].abs()
@@ -134,8 +134,13 @@ def _kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     if 0 < need <= band.numel():
         threshold = torch.kthvalue(band, band.numel() - need + 1).values
         return threshold, above + int(torch.count_nonzero(band >= threshold))
+    return threshold_by_full_scan(flat, k)
+
+
+def threshold_by_full_scan(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The k-th largest |τ| by a full kthvalue (the bracket missed), and how many |τ| are ≥ it."""
     magnitudes = flat.abs()
-    threshold = torch.kthvalue(magnitudes, n - k + 1).values
+    threshold = torch.kthvalue(magnitudes, flat.numel() - k + 1).values
     return threshold, int(torch.count_nonzero(magnitudes >= threshold))
 
 

@@ -17,7 +17,7 @@ import torch
 
 from metamerge.methods.kernels import combine, elect_and_combine
 from metamerge.methods.plan import MergePlan
-from metamerge.methods.selection import SELECT_MIN, _bracket, sample_positions, trim_
+from metamerge.methods.selection import SELECT_MIN, bracket, sample_positions, threshold_by_full_scan, trim_
 
 BLOCK = 1 << 16
 
@@ -77,7 +77,7 @@ def _first_pass(stacked: torch.Tensor, k: int) -> tuple[torch.Tensor, float, tor
     count, n = stacked.shape[0] - 1, stacked.shape[1]
     sampled = stacked[:, sample_positions(n, stacked.device)]  # one gather for every row
     taus_sample = sampled[1:].sub_(sampled[0]).abs_()
-    brackets = [_bracket(taus_sample[t], k, n) for t in range(count)]
+    brackets = [bracket(taus_sample[t], k, n) for t in range(count)]
     lo = torch.stack([b[0] for b in brackets]).reshape(count, 1)
     hi = torch.stack([b[1] for b in brackets]).reshape(count, 1)
     mid, half = (lo + hi) / 2, (hi - lo) / 2
@@ -158,10 +158,8 @@ def _threshold(tau: torch.Tensor, k: int, above: int, bands: _Band) -> torch.Ten
 
 def _threshold_by_full_scan(tau: torch.Tensor, k: int) -> torch.Tensor:
     """The bracket missed: a full kthvalue, and the tie rule over the whole row."""
-    magnitudes = tau.abs()
-    threshold = torch.kthvalue(magnitudes, tau.numel() - k + 1).values
-    kept = int(torch.count_nonzero(magnitudes >= threshold))
+    threshold, kept = threshold_by_full_scan(tau, k)
     if kept > k:
-        tied = torch.nonzero(magnitudes == threshold).flatten()
+        tied = torch.nonzero(tau.abs() == threshold).flatten()
         tau[tied[tied.numel() - (kept - k) :]] = 0.0
     return threshold
