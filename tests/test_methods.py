@@ -453,7 +453,7 @@ def test_norms_are_the_same_float_on_any_core_count_and_vector_width():
 
     prints = set()
     for capability in ("default", "avx2", None):
-        for threads in (1, 2):
+        for threads in (1, 2, 4):
             env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
             if capability:
                 env["ATEN_CPU_CAPABILITY"] = capability

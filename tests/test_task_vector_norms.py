@@ -155,19 +155,28 @@ def test_extracting_together_reads_the_base_once_and_gives_the_same_bytes(tmp_pa
     base_dir, ft_dirs, *_ = random_family(tmp_path, n_finetunes=3)
     for plan in (MergePlan(), dataclasses.replace(MergePlan(), sparsify="magnitude", density=0.3)):
         alone = [extract_stats(base_dir, d, f"ft{i}", plan) for i, d in enumerate(ft_dirs)]
-        reads: list[str] = []
-        real = checkpoint.CheckpointReader.read_f32_into
+        reads: list[tuple[str, str]] = []
+        real_read, real_map = checkpoint.CheckpointReader.read_f32_into, checkpoint.CheckpointReader.mapped_f32
 
-        def counting(self, name, out, rows=None, real=real, reads=reads):
-            reads.append(self.label)
+        def counting_read(self, name, out, rows=None, real=real_read, reads=reads):
+            reads.append((self.label, "read"))
             return real(self, name, out, rows)
 
-        monkeypatch.setattr(checkpoint.CheckpointReader, "read_f32_into", counting)
+        def counting_map(self, name, rows=None, real=real_map, reads=reads):
+            piece = real(self, name, rows)
+            if piece is not None:
+                reads.append((self.label, "mapped"))
+            return piece
+
+        monkeypatch.setattr(checkpoint.CheckpointReader, "read_f32_into", counting_read)
+        monkeypatch.setattr(checkpoint.CheckpointReader, "mapped_f32", counting_map)
         together = extract_stats_many(base_dir, [(d, f"ft{i}") for i, d in enumerate(ft_dirs)], plan)
         monkeypatch.undo()
         assert together == alone  # every float sum identical, not just close
-        per_input = {label: reads.count(label) for label in set(reads)}
+        per_input = {label: sum(1 for who, _ in reads if who == label) for label, _ in reads}
         assert per_input["base"] == per_input["ft0"] == per_input["ft1"] == per_input["ft2"] > 0
+        # plain sums map the pieces (no copy); a sparsified pass trims in place, so it reads copies
+        assert {how for _, how in reads} == ({"mapped"} if plan.sparsify == "none" else {"read"})
 
 
 def test_read_ahead_yields_in_order_alternates_slots_and_leaves_no_thread():

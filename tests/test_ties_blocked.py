@@ -1,15 +1,26 @@
-"""The blocked TIES pass (methods/ties.py) against the unfused kernels and the formulas, bit for bit."""
+"""The blocked TIES passes (methods/ties.py), compiled and torch, against the unfused kernels and the
+formulas, bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from metamerge.methods import selection, ties
+from metamerge.methods import compiled, selection, ties
 from metamerge.methods.kernels import combine, elect_and_combine, sparsify_
 from metamerge.methods.plan import MergePlan
 
 N = 3 * ties.BLOCK + 12_345  # several blocks and a ragged last one, above SELECT_MIN
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def passes(request, monkeypatch):
+    """Every test runs on both implementations of the passes."""
+    if request.param == "compiled" and not compiled.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv("METAMERGE_COMPILED", "1" if request.param == "compiled" else "0")
+    assert ties.use_compiled() == (request.param == "compiled")
+    return request.param
 
 
 def _plan(**overrides) -> MergePlan:
@@ -60,8 +71,10 @@ def _unfused(stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan) -> t
 
 def _blocked(stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     checked = []
-    merged, gram, base_sq = ties.ties_piece(stacked.clone(), weights, plan, None,
-                                            lambda g, b: checked.append((g.clone(), b)))
+    inputs = stacked.clone()
+    merged, gram, base_sq = ties.ties_piece(inputs, weights, plan, None, lambda g, b: checked.append((g.clone(), b)))
+    if ties.use_compiled():  # the compiled passes only read their inputs (they may be mapped files)
+        assert torch.equal(inputs, stacked)
     taus = (stacked[1:] - stacked[0]).double()
     assert len(checked) == 1
     assert torch.allclose(gram, taus @ taus.T, rtol=1e-5)  # the raw τ's gram, before trimming
@@ -75,7 +88,7 @@ def test_blocked_ties_is_the_unfused_merge_bit_for_bit(kind, variant):
     plan = _plan(**variant)
     stacked = _stacked(kind)
     weights = torch.tensor([0.5, 0.3, 0.2])
-    assert ties.fused(plan, stacked)
+    assert ties.fused(plan, stacked.shape[1], stacked.device)
     blocked, unfused = _blocked(stacked, weights, plan), _unfused(stacked, weights, plan)
     assert torch.equal(blocked.view(torch.int32), unfused.view(torch.int32))
 
@@ -149,6 +162,29 @@ def test_the_arithmetic_election_is_the_boolean_one(weights, normalize):
 
 
 def test_small_tensors_keep_the_unfused_path():
-    assert not ties.fused(_plan(), torch.zeros(4, selection.SELECT_MIN))
-    assert not ties.fused(_plan(sparsify="random"), _stacked("random"))
-    assert not ties.fused(_plan(spectral="iso"), _stacked("random"))
+    cpu = torch.device("cpu")
+    assert not ties.fused(_plan(), selection.SELECT_MIN, cpu)
+    assert not ties.fused(_plan(sparsify="random"), N, cpu)
+    assert not ties.fused(_plan(spectral="iso"), N, cpu)
+    assert ties.fused(_plan(), N, cpu)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_read_only_rows_give_the_same_merge(kind, passes):
+    """The engine hands the passes a list of rows (mapped files, never written) instead of one tensor."""
+    plan, stacked, weights = _plan(), _stacked(kind), torch.tensor([0.5, 0.3, 0.2])
+    rows = [row.clone() for row in stacked]
+    merged, _, _ = ties.ties_piece(rows, weights, plan, None, lambda g, b: None)
+    assert torch.equal(merged.view(torch.int32), _unfused(stacked, weights, plan).view(torch.int32))
+    assert all(torch.equal(row, original) for row, original in zip(rows, stacked, strict=True))
+
+
+def test_a_band_larger_than_a_blocks_scratch_is_gathered_again(monkeypatch, passes):
+    """Fault injection: in-bracket values beyond a block's scratch (skewed data) take the second gather."""
+    if passes != "compiled":
+        pytest.skip("the scratch is the compiled first pass's")
+    monkeypatch.setattr(compiled, "BAND_CAPACITY", 64)
+    for kind in ("random", "ties"):
+        plan, stacked, weights = _plan(), _stacked(kind), torch.ones(3)
+        assert torch.equal(_blocked(stacked, weights, plan), _unfused(stacked, weights, plan))
+

@@ -1,13 +1,14 @@
 """Streaming reads of (sharded) safetensors checkpoints.
 
-Reading goes through safetensors' mmap, one tensor at a time, after the header has been
-checked against the file: a truncated or corrupt checkpoint is one clear CheckpointError
-before any work starts.
+Reading goes one tensor (or row chunk) at a time, after the header has been checked against
+the file: a truncated or corrupt checkpoint is one clear CheckpointError before any work
+starts. A piece is read into a caller's buffer (pread) or mapped from the page cache.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +222,32 @@ class CheckpointReader:
     def expect(self, reads: list[tuple[str, tuple[int, int] | None]]) -> None:
         """The reads to come, in order: a local file needs no plan (a ranged reader fetches ahead)."""
 
+    def mapped_f32(self, name: str, rows: tuple[int, int] | None = None, populate: bool = False) -> torch.Tensor | None:
+        """The piece straight from the page cache (mmap), no copy; None where a read must copy.
+
+        Copy-on-write, so no write can reach the file. Its pages count as this process's memory
+        only while the tensor lives: dropping the last reference unmaps them, which keeps the
+        merge's memory at its pieces in flight, as with reads. Only float32 at a 4-byte aligned
+        offset maps (other dtypes need a conversion anyway). A file truncated by another process
+        while mapped ends this one (SIGBUS) instead of a short read's error: inputs are opened
+        from the run's own cache or the user's folders, which nothing truncates in place.
+        """
+        info = self._info.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.label}: has no tensor {name!r}")
+        file, begin, end = self.byte_range(name, rows)
+        if info.dtype != torch.float32 or begin % 4 or end <= begin:
+            return None
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapping = mmap.mmap(self._fd(file), end - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):  # e.g. a file system without mmap: reading still works
+            return None
+        tensor = torch.frombuffer(mapping, dtype=torch.float32, count=(end - begin) // 4, offset=begin - start)
+        if populate:
+            _populate(tensor.data_ptr() - (begin - start), end - start)
+        return tensor
+
     def read_f32_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Fills a flat float32 buffer with the piece, converting when stored otherwise; returns it."""
         if self.info(name).dtype == torch.float32:
@@ -239,6 +266,17 @@ class CheckpointReader:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+import ctypes  # noqa: E402
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_POPULATE_READ = 22
+
+
+def _populate(address: int, length: int) -> None:
+    _LIBC.madvise(address, length, MADV_POPULATE_READ)
 
 
 def row_chunks(info: TensorInfo, max_elements: int) -> list[tuple[int, int] | None]:

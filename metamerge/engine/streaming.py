@@ -20,8 +20,9 @@ import torch
 from metamerge.engine import checkpoint
 from metamerge.engine.checkpoint import CheckpointReader, TensorInfo, row_chunks
 from metamerge.engine.coefficients import Coefficients
-from metamerge.engine.compat import Alignment, align, aligned_rows, is_vocab_tensor, tied_aliases
-from metamerge.engine.lora import LoraReader, open_finetune
+from metamerge.engine.compat import align, aligned_rows, is_vocab_tensor, tied_aliases
+from metamerge.engine.lora import open_finetune
+from metamerge.engine.pieces import PieceReader, Workspace
 from metamerge.engine.prefetch import read_ahead
 from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.engine.writer import (
@@ -56,59 +57,29 @@ def output_plan(base: CheckpointReader, dtype: str) -> list[TensorInfo]:
     return plan
 
 
-class _Workspace:
-    """Reusable float32 buffers of one in-flight piece: inputs [T+1, capacity] and its result.
-
-    Two of them alternate (read piece i+1 while computing piece i, write piece i while
-    computing i+1); reusing buffers avoids a page fault per fresh megabyte, which otherwise
-    costs as much as the arithmetic.
-    """
-
-    def __init__(self, inputs: int, capacity: int, pin: bool):
-        self.capacity = capacity
-        self.inputs = torch.empty((inputs, capacity), dtype=torch.float32, pin_memory=pin)
-        self.result = torch.empty(capacity, dtype=torch.float32)
-
-
-class _Inputs:
-    """Reads one piece (a tensor or its row chunk) of every checkpoint as float32 rows."""
-
-    def __init__(self, base: CheckpointReader, finetunes: list[tuple[CheckpointReader, Alignment]], device: torch.device):
-        self.base, self.finetunes, self.device = base, finetunes, device
-
-    def load(self, name: str, rows: tuple[int, int] | None, workspace: _Workspace) -> torch.Tensor:
-        """[T+1, n] float32 on the compute device; row 0 is the base. Non-float: the raw tensor."""
-        if not self.base.info(name).is_float:
-            return self.base.read(name, rows=rows)
-        n = math.prod(self.base.piece_shape(name, rows))
-        pin = self.device.type == "cuda"
-        if n <= workspace.capacity:
-            stacked = workspace.inputs[:, :n]
-        else:
-            stacked = torch.empty((len(self.finetunes) + 1, n), dtype=torch.float32, pin_memory=pin)
-        sources = [(self.base, rows)] + [(r, aligned_rows(a, name, rows)) for r, a in self.finetunes]
-        for row, (reader, piece_rows) in zip(stacked, sources, strict=True):
-            if isinstance(reader, LoraReader):  # base + s·B·A from the base row already read
-                reader.read_f32_onto(name, row, piece_rows, stacked[0])
-            else:
-                reader.read_f32_into(name, row, piece_rows)
-        return stacked.to(self.device) if pin else stacked
+def _reads_only(plan: MergePlan) -> Callable[[int], bool]:
+    """Which pieces (by entry count) the merge only reads: those may be mapped files. Linear merges
+    and the compiled TIES passes form τ into their own scratch; every other path makes τ in place."""
+    return lambda n: plan.linear or (ties.fused(plan, n, torch.device("cpu")) and ties.use_compiled())
 
 
 def _merge_piece(
-    stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, part: int,
+    stacked: torch.Tensor | list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str,
+    part: int,
     out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base", shape: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64; ‖θ₀ piece‖²).
 
-    Works in place: rows 1..T of `stacked` become the task vectors; row 0 stays the base.
+    `stacked` is a [T+1, n] tensor, row 0 the base, whose rows 1..T become the task vectors, or
+    (for the paths that only read, see `_reads_only`) a list of its rows, which may be mapped files.
     `shape` is the piece's shape: DELLA ranks within its rows, Iso-C treats a 2-D one as a matrix.
     """
     if plan.linear and out is not None:
-        return _linear_piece_blocked(stacked, weights, plan, labels, name, out, base_label)
-    if ties.fused(plan, stacked):
+        return _linear_piece_blocked(list(stacked), weights, plan, labels, name, out, base_label)
+    if ties.fused(plan, stacked[0].numel(), stacked[0].device):
         return ties.ties_piece(stacked, weights, plan, out,
                                lambda gram, base_sq: _require_finite(gram, base_sq, labels, name, base_label))
+    assert isinstance(stacked, torch.Tensor), "only read-only paths get rows"
     base, taus = stacked[0], stacked[1:]
     base_sq = float(torch.dot(base, base))
     taus.sub_(base)
@@ -138,25 +109,30 @@ LINEAR_BLOCK = 1 << 16
 
 
 def _linear_piece_blocked(
-    stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, out: torch.Tensor,
+    rows: list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, out: torch.Tensor,
     base_label: str = "base",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Linear merges in cache-sized column blocks: τ, the gram and θ₀ + Σ w τ touch memory once."""
-    count = stacked.shape[0] - 1
+    """Linear merges in cache-sized column blocks: τ, the gram and θ₀ + Σ w τ touch memory once.
+
+    The rows are only read (they may be mapped files): τ of a block goes to a scratch block.
+    """
+    count, n = len(rows) - 1, rows[0].numel()
     gram = torch.zeros((count, count), dtype=torch.float64)
     base_sq = 0.0
     row = weights.reshape(1, -1) * plan.scale
-    for start in range(0, stacked.shape[1], LINEAR_BLOCK):
-        block = stacked[:, start : start + LINEAR_BLOCK]
-        taus = block[1:]
-        base_sq += float(torch.dot(block[0], block[0]))
-        taus.sub_(block[0])
+    scratch = torch.empty((count, min(n, LINEAR_BLOCK)))
+    for start in range(0, n, LINEAR_BLOCK):
+        base = rows[0][start : start + LINEAR_BLOCK]
+        taus = scratch[:, : base.numel()]
+        for t in range(count):
+            torch.sub(rows[t + 1][start : start + LINEAR_BLOCK], base, out=taus[t])
+        base_sq += float(torch.dot(base, base))
         gram += (taus @ taus.T).double()
         target = out[start : start + LINEAR_BLOCK].reshape(1, -1)
         torch.matmul(row, taus, out=target)
-        target.add_(block[0])
+        target.add_(base)
     _require_finite(gram, base_sq, labels, name, base_label)
-    return out[: stacked.shape[1]], gram, base_sq
+    return out[:n], gram, base_sq
 
 
 class MergeJob:
@@ -230,11 +206,12 @@ def stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes: 
 def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes: int, progress: ProgressFn | None,
                   hang_at: str) -> _Totals:
     base, plan, labels, coefficients, compute_device = job.base, job.plan, job.labels, job.coefficients, job.device
-    inputs = _Inputs(base, job.pairs, compute_device)
+    # a linear merge leaves the loading thread a core (compute_threads): it maps the next piece's pages
+    inputs = PieceReader(base, job.pairs, compute_device, _reads_only(plan), populate=plan.linear)
     aliases = tied_aliases(base) if plan.random else {}
     _expect_reads(job, work)
     capacity = checkpoint.CHUNK_ELEMENTS  # whole tensors larger than this (TIES only) get their own buffers
-    workspaces = [_Workspace(len(labels) + 1, capacity, compute_device.type == "cuda") for _ in range(2)]
+    workspaces = [Workspace(len(labels) + 1, capacity, compute_device.type == "cuda") for _ in range(2)]
     totals = _Totals(gram=torch.zeros((len(labels), len(labels)), dtype=torch.float64))
     weights_cache: dict[str, torch.Tensor] = {}
     reads = read_ahead(len(work), lambda index, slot: inputs.load(work[index][0].name, work[index][1], workspaces[slot]))
@@ -244,12 +221,13 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
         for index, ((info, rows), loaded) in enumerate(zip(work, reads, strict=True)):
             workspace = workspaces[index % 2]  # the slot read_ahead loaded this piece into
             shape = base.piece_shape(info.name, rows)
-            totals.bytes_read += loaded.numel() * loaded.element_size()
+            totals.bytes_read += sum(row.numel() * row.element_size() for row in
+                                     (loaded if isinstance(loaded, list) else [loaded]))
             if base.info(info.name).is_float:
                 group = coefficients.tensor_groups.get(info.name, "model")
                 if group not in weights_cache:
                     weights_cache[group] = torch.tensor(coefficients.groups[group], dtype=torch.float32, device=compute_device)
-                n = loaded.shape[1]
+                n = loaded[0].numel()
                 out = workspace.result[:n] if n <= workspace.capacity and compute_device.type == "cpu" else None
                 result32, gram, base_sq = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
                                                        rows[0] if rows else 0, out, aliases.get(info.name),

@@ -19,6 +19,7 @@ from metamerge.engine import checkpoint
 from metamerge.engine.checkpoint import CheckpointReader, row_chunks
 from metamerge.engine.compat import align, aligned_rows, tied_aliases
 from metamerge.engine.lora import LoraReader, is_adapter, open_finetune
+from metamerge.engine.pieces import can_map, read_f32
 from metamerge.engine.prefetch import read_ahead
 from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.errors import CheckpointError
@@ -154,24 +155,28 @@ def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]],
     order = [(name, rows) for name in tensors if sums for rows in pieces[name]]
     slots = [[torch.empty(capacity) for _ in range(len(sums) + 1)] for _ in range(2)] if order else []
 
+    # plain sums only read the pieces: those are mapped when every input can be, and the sums get
+    # every core; pieces read by copy leave one core to the reader (a sparsified pass trims in place)
+    mapped = plan.sparsify == "none" and all(can_map(r, tensors) for r in [base, *(ft.reader for ft in sums)])
+
     def load(index: int, slot: int) -> list[torch.Tensor]:
         name, rows = order[index]
         buffers = slots[slot]
-        return [_read_f32(base, name, rows, buffers[0])] + [
-            _read_f32(ft.reader, name, aligned_rows(ft.alignment, name, rows), buffer)
+        return [read_f32(base, name, rows, buffers[0], mapped)] + [
+            read_f32(ft.reader, name, aligned_rows(ft.alignment, name, rows), buffer, mapped)
             for ft, buffer in zip(sums, buffers[1:], strict=True)]
 
     loaded = read_ahead(len(order), load)
     base_sqs: dict[str, float] = {}
     try:
-        with one_thread() if plan.sparsify == "none" else nullcontext():  # the reader has the other core
+        with one_thread() if plan.sparsify == "none" and not mapped else nullcontext():
             for name in tensors if sums else []:
                 info = base.info(name)
                 base_sq = 0.0
                 values = [0.0] * len(sums)
                 raws = [0.0] * len(sums)
                 for rows in pieces[name]:
-                    theta0, *thetas = next(loaded)
+                    theta0, *thetas = next(loaded)  # mapped pieces unmap when these names are rebound
                     base_sq += float(torch.dot(theta0, theta0))
                     if plan.sparsify == "none":  # τ is never written: one read of each piece, in cache
                         values = [v + d for v, d in zip(values, sq_norms_of_differences(thetas, theta0), strict=True)]
@@ -235,14 +240,6 @@ def _expect_reads(base: CheckpointReader, sums: list[_Sums], plan: MergePlan, ca
     base.expect(pieces)
     for ft in sums:
         ft.reader.expect([(name, aligned_rows(ft.alignment, name, rows)) for name, rows in pieces])
-
-
-def _read_f32(reader: CheckpointReader, name: str, rows: tuple[int, int] | None, buffer: torch.Tensor) -> torch.Tensor:
-    """A float32 flat view of the piece, in `buffer` when it fits (no allocation)."""
-    n = math.prod(reader.piece_shape(name, rows))
-    if n > buffer.numel():
-        return reader.read(name, rows=rows).reshape(-1).to(torch.float32)
-    return reader.read_f32_into(name, buffer[:n], rows)
 
 
 def _adapter_stats(base_dir: ModelSource, base: CheckpointReader, finetune: LoraReader, label: str) -> TaskVectorStats:

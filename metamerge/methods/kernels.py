@@ -127,17 +127,30 @@ def elect_and_combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan
     masked fill costs 3–25× an add on the same entries. Each step is exact (signs are ±1, 0
     or −0; products by 1 or 0), and every zero, whatever its sign, adds nothing to a sum that
     starts from +0, so the result is the same floats as sign(τ) == majority with boolean masks.
+
+    Sums over fine-tunes run in their order, from +0, one add at a time (`_in_order`): not a
+    BLAS product or torch's reduction, whose order and fused multiply-adds vary with the CPU
+    and the library. So the compiled kernels (`methods/compiled.py`) and every machine give
+    the same floats.
     """
     w = weights.reshape(-1, 1)
     if plan.consensus == "ties":
-        majority = torch.matmul(weights, taus).sign_().add_(0.5).sign_()  # −1 or +1; a 0 sum elects +
+        majority = _in_order(taus * w).sign_().add_(0.5).sign_()  # −1 or +1; a 0 sum elects +
         weighted_mask = torch.mul(taus, majority).sign_().clamp_min_(0.0).mul_(w)  # w where τ agrees, else ±0
     else:
-        weighted_mask = w.expand_as(taus).clone()
-    torch.sum(taus * weighted_mask, dim=0, out=out)
+        weighted_mask = w.expand_as(taus)
+    _in_order(taus * weighted_mask, out=out)
     if plan.normalize:
-        divisor = weighted_mask.sum(dim=0)
+        divisor = _in_order(weighted_mask)
         out.div_(divisor.add_(divisor.sign().abs_().neg_().add_(1.0)))  # a 0 divisor becomes 1, others stay
+
+
+def _in_order(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(((+0 + rows[0]) + rows[1]) + …): a sum over dim 0 whose order is fixed by this code."""
+    total = torch.add(rows[0], 0.0, out=out)
+    for row in rows[1:]:
+        total.add_(row)
+    return total
 
 
 def chunked(plan: MergePlan) -> bool:

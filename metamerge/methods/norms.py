@@ -7,9 +7,10 @@ by SIMD width, so the same recipe gave λ differing in the last bits between a 2
 
 Here each float32 entry is squared exactly in float64 (24-bit mantissas: the square needs
 48 of float64's 53 bits), the squares are summed column-wise over a [rows, 256] view (every
-column accumulates its rows in order: SIMD lanes are columns, so lane width changes nothing)
-on one thread, and the 256 column sums meet in `math.fsum` (correctly rounded). Only the
-order within a column is fixed by the code, not by the machine.
+column accumulates its rows in the same order: SIMD lanes are columns, so lane width changes
+nothing, and torch splits such a sum between threads by columns, never within one, so the
+thread count changes nothing either: tested with 1–4 threads under three vector widths), and
+the 256 column sums meet in `math.fsum` (correctly rounded).
 """
 
 from __future__ import annotations
@@ -54,11 +55,10 @@ def _scratch(device: torch.device) -> torch.Tensor:
 def sq_norm(tau: torch.Tensor) -> float:
     """‖τ‖², the same float on any machine (see the module note)."""
     flat = tau.reshape(-1)
-    with one_thread():
-        sums = _SquareSums(_scratch(flat.device))
-        for start in range(0, flat.numel(), BLOCK):
-            sums.add(flat[start : start + BLOCK])
-        return sums.total()
+    sums = _SquareSums(_scratch(flat.device))
+    for start in range(0, flat.numel(), BLOCK):
+        sums.add(flat[start : start + BLOCK])
+    return sums.total()
 
 
 def sq_norm_of_difference(theta: torch.Tensor, theta0: torch.Tensor) -> float:
@@ -74,16 +74,15 @@ def sq_norms_of_differences(thetas: list[torch.Tensor], theta0: torch.Tensor) ->
     """
     b = theta0.reshape(-1)
     flats = [theta.reshape(-1) for theta in thetas]
-    with one_thread():
-        wide = _scratch(b.device)  # one scratch block for all: each add() finishes with it
-        sums = [_SquareSums(wide) for _ in flats]
-        narrow = torch.empty(min(BLOCK, b.numel()), dtype=b.dtype, device=b.device)
-        for start in range(0, b.numel(), BLOCK):
-            count = min(BLOCK, b.numel() - start)
-            base_block = b[start : start + count]
-            for a, square_sums in zip(flats, sums, strict=True):
-                square_sums.add(torch.sub(a[start : start + count], base_block, out=narrow[:count]))
-        return [square_sums.total() for square_sums in sums]
+    wide = _scratch(b.device)  # one scratch block for all: each add() finishes with it
+    sums = [_SquareSums(wide) for _ in flats]
+    narrow = torch.empty(min(BLOCK, b.numel()), dtype=b.dtype, device=b.device)
+    for start in range(0, b.numel(), BLOCK):
+        count = min(BLOCK, b.numel() - start)
+        base_block = b[start : start + count]
+        for a, square_sums in zip(flats, sums, strict=True):
+            square_sums.add(torch.sub(a[start : start + count], base_block, out=narrow[:count]))
+    return [square_sums.total() for square_sums in sums]
 
 
 def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0,
@@ -96,7 +95,7 @@ def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tenso
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """Torch on one intra-op thread: a reduction split across threads depends on their number."""
+    """Torch on one intra-op thread, leaving the other cores to a reader thread that copies."""
     previous = torch.get_num_threads()
     if previous != 1:
         torch.set_num_threads(1)

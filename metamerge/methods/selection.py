@@ -8,8 +8,10 @@ from a sampled bracket, and every shortcut here must give the very entries a ful
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 
 SELECT_MIN = 1 << 16  # from this many entries on, a sampled bracket beats a full kthvalue
@@ -26,13 +28,35 @@ def bracket(sample: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.T
     width = max(0.01, 4.0 * math.sqrt(quantile * (1.0 - quantile) / m))
     lo_rank = min(m, max(1, int((quantile - width) * m)))
     hi_rank = min(m, max(1, int((quantile + width) * m) + 1))
-    return torch.kthvalue(sample, lo_rank).values, torch.kthvalue(sample, hi_rank).values
+    return kth_smallest(sample, lo_rank), kth_smallest(sample, hi_rank)
+
+
+def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-th smallest (1-based) of a flat tensor, as a 0-d tensor: `torch.kthvalue(values, rank).values`.
+
+    On the CPU numpy's introselect finds the same value about ten times faster than torch's
+    kthvalue (1 against 10 ns per entry); the value, not its position, is the answer, so
+    both give the same float.
+    """
+    if values.device.type != "cpu":
+        return torch.kthvalue(values, rank).values
+    array = values.detach().reshape(-1).numpy()
+    return torch.tensor(np.partition(array, rank - 1)[rank - 1], dtype=values.dtype)
 
 
 def sample_positions(n: int, device: torch.device) -> torch.Tensor:
-    """The fixed-seed positions a bracket is sampled at: the same for every tensor of n entries."""
+    """The fixed-seed positions a bracket is sampled at: the same for every tensor of n entries.
+
+    In increasing order (a sample is a set; an ordered gather reads memory forwards), and
+    computed once per size: every layer's projections share a size.
+    """
+    return _positions(n).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(n: int) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(0)
-    return torch.randint(n, (SAMPLE,), generator=gen).to(device)
+    return torch.sort(torch.randint(n, (SAMPLE,), generator=gen)).values
 
 
 def _sample(values: torch.Tensor) -> torch.Tensor:
@@ -48,15 +72,15 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """
     n = values.numel()
     if n <= SELECT_MIN:
-        return torch.kthvalue(values, n - k + 1).values
+        return kth_smallest(values, n - k + 1)
     lo, hi = bracket(_sample(values), k, n)
     above = int(torch.count_nonzero(values > hi))
     if above < k:
         band = values[(values >= lo) & (values <= hi)]
         need = k - above
         if band.numel() >= need:
-            return torch.kthvalue(band, band.numel() - need + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+            return kth_smallest(band, band.numel() - need + 1)
+    return kth_smallest(values, n - k + 1)
 
 
 def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -132,7 +156,7 @@ def _kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     band = torch.cat(bands)
     need = k - above
     if 0 < need <= band.numel():
-        threshold = torch.kthvalue(band, band.numel() - need + 1).values
+        threshold = kth_smallest(band, band.numel() - need + 1)
         return threshold, above + int(torch.count_nonzero(band >= threshold))
     return threshold_by_full_scan(flat, k)
 
@@ -140,7 +164,7 @@ def _kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
 def threshold_by_full_scan(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     """The k-th largest |τ| by a full kthvalue (the bracket missed), and how many |τ| are ≥ it."""
     magnitudes = flat.abs()
-    threshold = torch.kthvalue(magnitudes, flat.numel() - k + 1).values
+    threshold = kth_smallest(magnitudes, flat.numel() - k + 1)
     return threshold, int(torch.count_nonzero(magnitudes >= threshold))
 
 

@@ -1,57 +1,104 @@
 """TIES on one whole tensor in two passes of cache-sized blocks, on the CPU.
 
 Trim, elect and combine each used to sweep the whole [T, n] task-vector matrix (about a dozen
-passes through memory for a 100 M-entry embedding). Here the first pass makes τ, the gram,
+passes through memory for a 100 M-entry embedding). Here the first pass makes the gram,
 ‖θ₀‖² and, per fine-tune, what it needs for its exact top-k threshold (a count above a
 sampled bracket and the values inside it); the second pass trims, elects and combines each
-block while it is in cache. The merged floats are those of the unfused path (tested bit for
-bit): the same thresholds, the same tie rule, the same election.
+block while it is in cache. The passes are compiled loops (`methods/compiled.py`) when numba
+is installed, torch block operations otherwise. The merged floats are those of the unfused
+path either way (tested bit for bit): the same thresholds, the same tie rule, the same election.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
 
+from metamerge.methods import compiled
 from metamerge.methods.kernels import combine, elect_and_combine
 from metamerge.methods.plan import MergePlan
-from metamerge.methods.selection import SELECT_MIN, bracket, sample_positions, threshold_by_full_scan, trim_
+from metamerge.methods.selection import (
+    SELECT_MIN,
+    bracket,
+    kth_smallest,
+    sample_positions,
+    threshold_by_full_scan,
+    trim_,
+)
 
-BLOCK = 1 << 16
+BLOCK = compiled.BLOCK  # the tie search finds a band's block by this size, whichever pass made it
 
 
 SMALLEST_FLOOR = 2.0**-100  # below it, 1 ulp is subnormal: a flush-to-zero CPU could lose |τ| − floor > 0
 
 
-def fused(plan: MergePlan, stacked: torch.Tensor) -> bool:
+def fused(plan: MergePlan, n: int, device: torch.device) -> bool:
     """Whether `ties_piece` applies: TIES' trim and election on a large CPU tensor, no spectral step."""
     return (plan.sparsify == "magnitude" and plan.consensus == "ties" and plan.spectral == "none"
-            and plan.density < 1.0 and stacked.device.type == "cpu" and stacked.shape[1] > SELECT_MIN)
+            and plan.density < 1.0 and device.type == "cpu" and n > SELECT_MIN)
 
 
-def ties_piece(stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
+Rows = list[torch.Tensor]  # T+1 flat float32 rows, the base first; read-only (they may be mapped files)
+
+
+def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
                check: Callable[[torch.Tensor, float], None]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """θ₀ + TIES(τ) of `stacked` [T+1, n] (row 0 the base) into `out`; also the gram and ‖θ₀‖².
+    """θ₀ + TIES(τ) of `inputs` (row 0 the base) into `out`; also the gram and ‖θ₀‖².
 
-    Works in place: rows 1..T become the trimmed task vectors. `check(gram, base_sq)` runs
-    after the first pass, before anything is trimmed (the NaN/Inf check of the inputs).
+    `inputs` is a writable [T+1, n] tensor or a list of read-only rows. The compiled passes
+    (numba) only read them; the torch passes need the tensor and make its rows 1..T the task
+    vectors. `check(gram, base_sq)` runs after the first pass, before anything is trimmed (the
+    NaN/Inf check of the inputs).
     """
-    count, n = stacked.shape[0] - 1, stacked.shape[1]
+    rows = list(inputs)
+    count, n = len(rows) - 1, rows[0].numel()
     k = max(1, int(plan.density * n))
-    gram, base_sq, above, bands = _first_pass(stacked, k)
+    lo, hi = _brackets(rows, k)
+    if use_compiled():
+        gram, base_sq, above, bands = compiled.first_pass(rows, lo, hi)
+
+        def magnitudes(t: int, begin: int, end: int) -> torch.Tensor:
+            return torch.sub(rows[t + 1][begin:end], rows[0][begin:end]).abs_()
+    else:
+        stacked = inputs if isinstance(inputs, torch.Tensor) else torch.stack(rows)
+        gram, base_sq, above, bands = _first_pass(stacked, lo, hi)
+
+        def magnitudes(t: int, begin: int, end: int) -> torch.Tensor:
+            return stacked[t + 1, begin:end].abs()
     check(gram, base_sq)
-    floors = torch.empty(count, 1)
+    thresholds, cuts = torch.empty(count), torch.empty(count, dtype=torch.int64)
     for t in range(count):
-        threshold = _threshold(stacked[1 + t], k, int(above[t]), bands[t])
-        # |τ| ≥ threshold ⟺ |τ| − (the float just below it) > 0: a keep-mask from arithmetic alone
-        floors[t] = torch.nextafter(threshold, torch.tensor(-math.inf))
+        thresholds[t], drops = _threshold(lambda begin, end, t=t: magnitudes(t, begin, end), n, k, int(above[t]), bands[t])
+        cuts[t] = int(drops[0]) if drops.numel() else n
+        if not use_compiled():
+            stacked[1 + t, drops] = 0.0  # the torch passes zero the ties beyond k; the compiled ones skip them
+    # |τ| ≥ threshold ⟺ |τ| − (the float just below it) > 0: a keep-mask from arithmetic alone
+    floors = torch.nextafter(thresholds, torch.tensor(-math.inf)).reshape(count, 1)
     if float(floors.min()) < SMALLEST_FLOOR:  # the unfused trim finds the same thresholds, with bool masks
+        taus = torch.stack(rows[1:]).sub_(rows[0]) if use_compiled() else stacked[1:]
         for t in range(count):
-            trim_(stacked[1 + t], plan.density)
-        return combine(stacked[1:], weights, plan, out=out).add_(stacked[0]), gram, base_sq
+            trim_(taus[t], plan.density)
+        return combine(taus, weights, plan, out=out).add_(rows[0]), gram, base_sq
     out = torch.empty(n) if out is None else out
+    if use_compiled():
+        compiled.second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, out[:n])
+    else:
+        _second_pass(stacked, floors, weights, plan, out)
+    return out[:n], gram, base_sq
+
+
+def use_compiled() -> bool:
+    """The compiled passes when numba imports; METAMERGE_COMPILED=0 forces the torch ones."""
+    return compiled.AVAILABLE and os.environ.get("METAMERGE_COMPILED", "1") != "0"
+
+
+def _second_pass(stacked: torch.Tensor, floors: torch.Tensor, weights: torch.Tensor, plan: MergePlan,
+                 out: torch.Tensor) -> None:
+    """Trim, elect and combine each block while it is in cache, then add θ₀."""
+    count, n = stacked.shape[0] - 1, stacked.shape[1]
     magnitudes = torch.empty(count, BLOCK)
     for start in range(0, n, BLOCK):
         block = stacked[:, start : start + BLOCK]
@@ -63,10 +110,21 @@ def ties_piece(stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, ou
         if plan.scale != 1.0:
             target.mul_(plan.scale)
         target.add_(block[0])
-    return out[:n], gram, base_sq
 
 
-def _first_pass(stacked: torch.Tensor, k: int) -> tuple[torch.Tensor, float, torch.Tensor, list[_Band]]:
+def _brackets(rows: Rows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per fine-tune, [T, 1] values around its k-th largest |τ|, from one set of sampled positions."""
+    count, n = len(rows) - 1, rows[0].numel()
+    positions = sample_positions(n, rows[0].device)
+    base = rows[0][positions]
+    brackets = [bracket(rows[1 + t][positions].sub_(base).abs_(), k, n) for t in range(count)]
+    lo = torch.stack([b[0] for b in brackets]).reshape(count, 1)
+    hi = torch.stack([b[1] for b in brackets]).reshape(count, 1)
+    return lo, hi
+
+
+def _first_pass(stacked: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                ) -> tuple[torch.Tensor, float, torch.Tensor, list[_Band]]:
     """τ in place, the gram (float64), ‖θ₀‖², and per fine-tune: entries above its bracket, and per
     block the |τ| inside it.
 
@@ -75,11 +133,6 @@ def _first_pass(stacked: torch.Tensor, k: int) -> tuple[torch.Tensor, float, tor
     selection needs; it saves two of the four comparisons into bool tensors per entry.
     """
     count, n = stacked.shape[0] - 1, stacked.shape[1]
-    sampled = stacked[:, sample_positions(n, stacked.device)]  # one gather for every row
-    taus_sample = sampled[1:].sub_(sampled[0]).abs_()
-    brackets = [bracket(taus_sample[t], k, n) for t in range(count)]
-    lo = torch.stack([b[0] for b in brackets]).reshape(count, 1)
-    hi = torch.stack([b[1] for b in brackets]).reshape(count, 1)
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     gram = torch.zeros((count, count), dtype=torch.float64)
     base_sq, above = 0.0, torch.zeros(count, dtype=torch.float64)
@@ -132,34 +185,37 @@ class _Band:
         return self.values[(self.ends[index - 1] if index else 0) : self.ends[index]]
 
 
-def _threshold(tau: torch.Tensor, k: int, above: int, bands: _Band) -> torch.Tensor:
-    """The k-th largest |τ| (exact); zeroes the highest-index entries tied with it beyond the k kept.
+def _threshold(magnitudes: Callable[[int, int], torch.Tensor], n: int, k: int, above: int,
+               bands: _Band | compiled.Bands) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k-th largest |τ| (exact), and the positions of the entries tied with it beyond the k
+    kept (the highest-index ones, as `selection.trim_`), in increasing order.
 
-    The same threshold and tie rule as `selection.trim_`. Ties are common in a big float32
+    `magnitudes(begin, end)` gives |τ| of those positions. Ties are common in a big float32
     tensor (24 M values share a few million floats), so they are looked for only in the blocks
     whose band holds the threshold, last block first.
     """
     band = bands.all()
     need = k - above
     if not 0 < need <= band.numel():
-        return _threshold_by_full_scan(tau, k)
-    threshold = torch.kthvalue(band, band.numel() - need + 1).values
+        return _threshold_by_full_scan(magnitudes(0, n), k)
+    threshold = kth_smallest(band, band.numel() - need + 1)
     excess = above + int(torch.count_nonzero(band >= threshold)) - k
+    drops = []
     for index in range(len(bands.ends) - 1, -1, -1):
         if excess <= 0:
             break
         if bool((bands.block(index) == threshold).any()):
-            block = tau[index * BLOCK : (index + 1) * BLOCK]
-            tied = torch.nonzero(block.abs() == threshold).flatten()
-            block[tied[max(0, tied.numel() - excess) :]] = 0.0
+            begin = index * BLOCK
+            tied = torch.nonzero(magnitudes(begin, min(n, begin + BLOCK)) == threshold).flatten() + begin
+            drops.insert(0, tied[max(0, tied.numel() - excess) :])
             excess -= tied.numel()
-    return threshold
+    return threshold, torch.cat(drops) if drops else torch.empty(0, dtype=torch.int64)
 
 
-def _threshold_by_full_scan(tau: torch.Tensor, k: int) -> torch.Tensor:
-    """The bracket missed: a full kthvalue, and the tie rule over the whole row."""
-    threshold, kept = threshold_by_full_scan(tau, k)
-    if kept > k:
-        tied = torch.nonzero(tau.abs() == threshold).flatten()
-        tau[tied[tied.numel() - (kept - k) :]] = 0.0
-    return threshold
+def _threshold_by_full_scan(magnitudes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bracket missed: a full selection, and the tie rule over the whole row."""
+    threshold, kept = threshold_by_full_scan(magnitudes, k)
+    if kept <= k:
+        return threshold, torch.empty(0, dtype=torch.int64)
+    tied = torch.nonzero(magnitudes == threshold).flatten()
+    return threshold, tied[tied.numel() - (kept - k) :]

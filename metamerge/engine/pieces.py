@@ -1,0 +1,97 @@
+"""One piece (a tensor or a row chunk) of an input as flat float32: mapped, or read into a buffer.
+
+A local float32 piece is mapped straight from the page cache (`CheckpointReader.mapped_f32`):
+no copy, and no reader thread busy copying it, which on a 2-core worker is a core. Anything
+else (S3, a LoRA fine-tune, bf16 or f16 stored, an unaligned offset) is read into a reused
+buffer and converted, as before. Mapped pieces are read-only to the merge's kernels: nothing
+may write into them (the mapping is copy-on-write, so a stray write would cost memory, not data).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from metamerge.engine.checkpoint import CheckpointReader
+from metamerge.engine.compat import Alignment, aligned_rows
+from metamerge.engine.lora import LoraReader
+from metamerge.engine.remote import RemoteCheckpointReader
+
+
+def can_map(reader: CheckpointReader | LoraReader, names: list[str]) -> bool:
+    """Whether every one of `names` comes from `reader` as a mapping (local file, float32)."""
+    if isinstance(reader, (LoraReader, RemoteCheckpointReader)):
+        return False
+    return all(reader.info(name).dtype == torch.float32 for name in names if name in reader)
+
+
+def read_f32(reader: CheckpointReader | LoraReader, name: str, rows: tuple[int, int] | None, buffer: torch.Tensor,
+             mapped: bool = False) -> torch.Tensor:
+    """A flat float32 view of the piece: mapped when `mapped` and the reader can, else in `buffer`
+    when it fits (no allocation), else a fresh tensor."""
+    if mapped and not isinstance(reader, (LoraReader, RemoteCheckpointReader)):
+        piece = reader.mapped_f32(name, rows)
+        if piece is not None:
+            return piece
+    n = math.prod(reader.piece_shape(name, rows))
+    if n > buffer.numel():
+        return reader.read(name, rows=rows).reshape(-1).to(torch.float32)
+    return reader.read_f32_into(name, buffer[:n], rows)
+
+
+class Workspace:
+    """Reusable float32 buffers of one in-flight piece: inputs [T+1, capacity] and its result.
+
+    Two of them alternate (read piece i+1 while computing piece i, write piece i while
+    computing i+1); reusing buffers avoids a page fault per fresh megabyte, which otherwise
+    costs as much as the arithmetic. Pages of `inputs` that mapped pieces never need are never
+    touched, so they cost no memory.
+    """
+
+    def __init__(self, inputs: int, capacity: int, pin: bool):
+        self.capacity = capacity
+        self.inputs = torch.empty((inputs, capacity), dtype=torch.float32, pin_memory=pin)
+        self.result = torch.empty(capacity, dtype=torch.float32)
+
+
+class PieceReader:
+    """Reads one piece (a tensor or its row chunk) of every checkpoint as float32 rows.
+
+    `reads_only(n)` says whether the merge of an n-entry piece only reads its inputs: then, on
+    the CPU and when every input maps, the piece is a list of mapped rows; otherwise a [T+1, n]
+    tensor in the workspace (pinned and moved for CUDA). `populate`: map the rows' pages on
+    the loading thread (worth it when the merge leaves that thread a core, see `mapped_f32`).
+    """
+
+    def __init__(self, base: CheckpointReader, finetunes: list[tuple[CheckpointReader | LoraReader, Alignment]],
+                 device: torch.device, reads_only: Callable[[int], bool], populate: bool = False):
+        self.base, self.finetunes, self.device = base, finetunes, device
+        floats = [name for name in base.names if base.info(name).is_float]
+        self.maps = device.type == "cpu" and all(can_map(r, floats) for r in [base, *(r for r, _ in finetunes)])
+        self.reads_only = reads_only
+        self.populate = populate
+
+    def load(self, name: str, rows: tuple[int, int] | None, workspace: Workspace) -> torch.Tensor | list[torch.Tensor]:
+        """[T+1, n] float32 on the compute device, or its rows (mapped); row 0 is the base.
+        Non-float: the raw tensor."""
+        if not self.base.info(name).is_float:
+            return self.base.read(name, rows=rows)
+        n = math.prod(self.base.piece_shape(name, rows))
+        sources = [(self.base, rows)] + [(r, aligned_rows(a, name, rows)) for r, a in self.finetunes]
+        if self.maps and self.reads_only(n):
+            mapped = [reader.mapped_f32(name, piece_rows, populate=self.populate) for reader, piece_rows in sources]
+            if all(row is not None for row in mapped):
+                return mapped
+        pin = self.device.type == "cuda"
+        if n <= workspace.capacity:
+            stacked = workspace.inputs[:, :n]
+        else:
+            stacked = torch.empty((len(self.finetunes) + 1, n), dtype=torch.float32, pin_memory=pin)
+        for row, (reader, piece_rows) in zip(stacked, sources, strict=True):
+            if isinstance(reader, LoraReader):  # base + s·B·A from the base row already read
+                reader.read_f32_onto(name, row, piece_rows, stacked[0])
+            else:
+                reader.read_f32_into(name, row, piece_rows)
+        return stacked.to(self.device) if pin else stacked

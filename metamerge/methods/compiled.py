@@ -1,0 +1,237 @@
+"""TIES' two passes as compiled loops (numba): one sweep of memory per pass, every core.
+
+Torch's eager CPU ops make a temporary and a sweep per step, and TIES needs about twenty
+steps per entry (difference, magnitude, bracket tests, trim, election, agreement, sums), so
+the blocked torch passes (`ties._first_pass`, `ties._second_pass`) take several times as
+long as reading the inputs. Here each block of entries is read once per pass and every step
+stays in registers. The loops are written without branches on the data (selects only) so
+LLVM vectorizes them, and without reassociation of float sums (numba's default strict IEEE
+mode), so the merged floats are those of the torch kernels on every CPU, bit for bit (tested).
+Only the diagnostics (gram, ‖θ₀‖²) may reassociate: they are reported, never merged. The
+inputs are only read (they may be mapped files): τ = θ_t − θ₀ is made where it is used.
+
+`AVAILABLE` is False when numba cannot be imported: TIES then runs on the torch passes, which
+give the same floats. Like torch's own OpenMP threads, numba's do not survive fork(): a
+process that computed must not fork a child that computes (Dask's worker processes are
+spawned, and nothing here forks).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+try:  # pragma: no branch - the import decides which TIES implementation runs, both are tested
+    import numba
+    from numba import njit, prange
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised by tests that hide numba
+    AVAILABLE = False
+
+BLOCK = 1 << 16  # entries per block: a block's rows stay in cache between the steps of a pass
+BAND_CAPACITY = BLOCK // 8  # in-bracket |τ| a block keeps from its first pass (the bracket holds ~2.5 %)
+
+# numba's fallback threading layer ("workqueue", where libgomp is missing) aborts the process when
+# two threads launch parallel loops at once; merges in one process (Prefect's thread pool) take turns.
+_LAUNCH = threading.Lock()
+
+
+def _jit(**options):
+    """njit, cached on disk where numba finds a writable place (else compiled once per process)."""
+    def wrap(function):
+        try:
+            return njit(cache=True, **options)(function)
+        except RuntimeError:  # no writable cache location, e.g. a read-only install
+            return njit(**options)(function)
+    return wrap
+
+
+if AVAILABLE:
+    @_jit(boundscheck=False, fastmath={"reassoc"})
+    def _dot(x, y, base):  # pragma: no cover - compiled
+        """Σ (x − base)·(y − base) in float64, reassociated (vectorized): diagnostics only, never merged."""
+        total = 0.0
+        for i in range(x.shape[0]):
+            total += np.float64(x[i] - base[i]) * np.float64(y[i] - base[i])
+        return total
+
+    @_jit(parallel=True, boundscheck=False)
+    def _first_pass(rows, n, lo, hi, above, inside, gram, base_sq, scratch):  # pragma: no cover - compiled
+        """Per block and fine-tune, while the block is in cache: |τ| > hi counted, lo ≤ |τ| ≤ hi
+        counted and copied in position order into the block's `scratch` row (as far as it holds);
+        the block's gram and Σ θ₀². τ = θ_t − θ₀ is made on the fly: the rows are only read."""
+        count = len(rows) - 1
+        capacity = scratch.shape[2] - 1
+        blocks = (n + BLOCK - 1) // BLOCK
+        zeros = np.zeros(BLOCK, np.float32)
+        for b in prange(blocks):
+            start = b * BLOCK
+            end = min(n, start + BLOCK)
+            base = rows[0][start:end]
+            base_sq[b] = _dot(base, base, zeros[: end - start])
+            for t in range(count):
+                row = rows[t + 1][start:end]
+                low, high = lo[t], hi[t]
+                up = 0
+                band = 0
+                for i in range(end - start):  # no branch: vectorized
+                    magnitude = abs(row[i] - base[i])
+                    up += magnitude > high
+                    band += (magnitude >= low) & (magnitude <= high)
+                above[b, t] = up
+                inside[b, t] = band
+                if band <= capacity:
+                    kept = scratch[b, t]
+                    at = 0
+                    for i in range(end - start):  # no branch: every value is written, the next overwrites
+                        magnitude = abs(row[i] - base[i])  # it unless it was inside (one spare slot at the end)
+                        kept[at] = magnitude
+                        at += (magnitude >= low) & (magnitude <= high)
+            for x in range(count):
+                for y in range(x, count):
+                    gram[b, x, y] = gram[b, y, x] = _dot(rows[x + 1][start:end], rows[y + 1][start:end], base)
+
+    @_jit(parallel=True, boundscheck=False)
+    def _gather_band(rows, n, lo, hi, offsets, band):  # pragma: no cover - compiled
+        """Writes each block's lo ≤ |τ| ≤ hi, in position order, at its offset in `band`."""
+        count = len(rows) - 1
+        blocks = (n + BLOCK - 1) // BLOCK
+        for b in prange(blocks):
+            start = b * BLOCK
+            end = min(n, start + BLOCK)
+            base = rows[0][start:end]
+            for t in range(count):
+                row = rows[t + 1][start:end]
+                low, high = lo[t], hi[t]
+                at = offsets[b, t]
+                for i in range(end - start):
+                    magnitude = abs(row[i] - base[i])
+                    if (magnitude >= low) & (magnitude <= high):  # one branch, rarely taken
+                        band[at] = magnitude
+                        at += 1
+
+    @_jit(parallel=True, boundscheck=False)
+    def _second_pass(rows, n, floors, cuts, weights, scale, normalize, out):  # pragma: no cover - compiled
+        """Trim (keep |τ| > floor, except ties with the threshold from position `cut` on), elect
+        (sign of Σ w τ, 0 elects +), disjoint sum or mean, ·scale, + θ₀.
+
+        Every sum runs over the fine-tunes in order, with no fused multiply-add, as in
+        `kernels.elect_and_combine`: the same floats, the same signed zeros.
+        """
+        count = len(rows) - 1
+        blocks = (n + BLOCK - 1) // BLOCK
+        zero = np.float32(0.0)
+        for b in prange(blocks):
+            start = b * BLOCK
+            end = min(n, start + BLOCK)
+            width = end - start
+            base = rows[0][start:end]
+            vote = np.empty(width, np.float32)
+            total = np.empty(width, np.float32)
+            mass = np.empty(width, np.float32)
+            for t in range(count):
+                row = rows[t + 1][start:end]
+                floor, cut, weight = floors[t], cuts[t] - start, weights[t]
+                threshold = np.nextafter(floor, np.float32(np.inf))
+                for i in range(width):
+                    tau = row[i] - base[i]
+                    magnitude = abs(tau)
+                    keep = (magnitude > floor) & ((magnitude != threshold) | (i < cut))
+                    tau = tau if keep else zero
+                    vote[i] = weight * tau if t == 0 else vote[i] + weight * tau
+            for t in range(count):
+                row = rows[t + 1][start:end]
+                floor, cut, weight = floors[t], cuts[t] - start, weights[t]
+                threshold = np.nextafter(floor, np.float32(np.inf))
+                for i in range(width):
+                    tau = row[i] - base[i]
+                    magnitude = abs(tau)
+                    keep = (magnitude > floor) & ((magnitude != threshold) | (i < cut))
+                    tau = tau if keep else zero
+                    agrees = tau > zero if vote[i] >= zero else tau < zero
+                    share = weight if agrees else zero
+                    if t == 0:  # from +0, as torch sums: an all-zero total is +0
+                        total[i] = zero + tau * share
+                        mass[i] = zero + share
+                    else:
+                        total[i] = total[i] + tau * share
+                        mass[i] = mass[i] + share
+            target = out[start:end]
+            for i in range(width):
+                delta = total[i]
+                if normalize:
+                    delta = delta / (mass[i] if mass[i] != zero else np.float32(1.0))
+                delta = delta * scale
+                target[i] = delta + base[i]
+
+
+def _launch() -> None:
+    """Before a kernel: as many threads as torch uses (the merge's choice)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+class Bands:
+    """Each fine-tune's in-bracket |τ| in position order, and where each block's part ends."""
+
+    def __init__(self, values: torch.Tensor, ends: np.ndarray):
+        self.values, self.ends = values, ends
+
+    def all(self) -> torch.Tensor:
+        return self.values
+
+    def block(self, index: int) -> torch.Tensor:
+        return self.values[(int(self.ends[index - 1]) if index else 0) : int(self.ends[index])]
+
+    @property
+    def blocks(self) -> int:
+        return len(self.ends)
+
+
+def first_pass(rows: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor
+               ) -> tuple[torch.Tensor, float, list[int], list[Bands]]:
+    """The gram (float64), ‖θ₀‖², and per fine-tune: |τ| above hi, and the band lo ≤ |τ| ≤ hi."""
+    count, n = len(rows) - 1, rows[0].numel()
+    blocks = (n + BLOCK - 1) // BLOCK
+    arrays = _arrays(rows)
+    low, high = lo.reshape(-1).numpy(), hi.reshape(-1).numpy()
+    above = np.zeros((blocks, count), np.int64)
+    inside = np.zeros((blocks, count), np.int64)
+    gram = np.zeros((blocks, count, count))
+    base_sq = np.zeros(blocks)
+    scratch = np.empty((blocks, count, BAND_CAPACITY + 1), np.float32)
+    with _LAUNCH:
+        _launch()
+        _first_pass(arrays, n, low, high, above, inside, gram, base_sq, scratch)
+        ends = np.cumsum(inside, axis=0)  # per fine-tune, where each block's band ends
+        overflowed = [t for t in range(count) if bool((inside[:, t] > BAND_CAPACITY).any())]
+        if overflowed:  # a block had more in its bracket than its scratch holds: gather those again
+            starts = np.concatenate([[0], np.cumsum(ends[-1])[:-1]])
+            band = np.empty(int(ends[-1].sum()), np.float32)
+            _gather_band(arrays, n, low, high, (ends - inside) + starts, band)
+    values = []
+    for t in range(count):
+        if t in overflowed:
+            values.append(torch.from_numpy(band[starts[t] : starts[t] + ends[-1, t]]))
+        else:
+            values.append(torch.from_numpy(np.concatenate([scratch[b, t, : inside[b, t]] for b in range(blocks)])))
+    bands = [Bands(values[t], ends[:, t]) for t in range(count)]
+    return torch.from_numpy(gram.sum(axis=0)), float(base_sq.sum()), above.sum(axis=0).tolist(), bands
+
+
+def second_pass(rows: list[torch.Tensor], floors: torch.Tensor, cuts: torch.Tensor, weights: torch.Tensor,
+                scale: float, normalize: bool, out: torch.Tensor) -> None:
+    """out = θ₀ + scale · TIES(trimmed τ): keep |τ| > floor except the ties from `cut` on, elect,
+    combine (see `_second_pass`)."""
+    with _LAUNCH:
+        _launch()
+        _second_pass(_arrays(rows), rows[0].numel(), floors.reshape(-1).numpy(), cuts.numpy(),
+                     weights.to(torch.float32).reshape(-1).numpy(), np.float32(scale), normalize, out.numpy())
+
+
+def _arrays(rows: list[torch.Tensor]) -> tuple[np.ndarray, ...]:
+    """The rows as a tuple of contiguous float32 arrays (numba compiles one kernel per row count)."""
+    if any(row.dtype != torch.float32 or not row.is_contiguous() or row.device.type != "cpu" for row in rows):
+        raise ValueError("compiled TIES needs contiguous float32 CPU rows")
+    return tuple(row.numpy() for row in rows)
