@@ -188,3 +188,18 @@ def test_a_band_larger_than_a_blocks_scratch_is_gathered_again(monkeypatch, pass
         plan, stacked, weights = _plan(), _stacked(kind), torch.ones(3)
         assert torch.equal(_blocked(stacked, weights, plan), _unfused(stacked, weights, plan))
 
+
+
+def test_the_compiled_sample_and_brackets_are_the_torch_ones(monkeypatch, passes):
+    """The brackets decide only the speed, but the compiled gather must still read the very |τ|."""
+    if passes != "compiled":
+        pytest.skip("about the compiled gather")
+    stacked = _stacked("bf16")
+    rows = list(stacked)
+    positions = selection.sample_positions(N, stacked.device)
+    want = torch.stack([row[positions] for row in rows[1:]]) - rows[0][positions]
+    assert torch.equal(compiled.sample(rows, positions), want.abs())
+    k = int(0.2 * N)
+    compiled_brackets = ties._brackets(rows, k)
+    monkeypatch.setenv("METAMERGE_COMPILED", "0")
+    assert all(torch.equal(a, b) for a, b in zip(compiled_brackets, ties._brackets(rows, k), strict=True))

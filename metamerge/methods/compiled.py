@@ -94,6 +94,20 @@ if AVAILABLE:
                     gram[b, x, y] = gram[b, y, x] = _dot(rows[x + 1][start:end], rows[y + 1][start:end], base)
 
     @_jit(parallel=True, boundscheck=False)
+    def _sample(rows, positions, out):  # pragma: no cover - compiled
+        """out[t, j] = |θ_t − θ₀| at positions[j] (increasing): the brackets' sample, gathered on every core."""
+        count = len(rows) - 1
+        size = positions.shape[0]
+        parts = (size + 1023) // 1024
+        base = rows[0]
+        for part in prange(parts * count):
+            t = part // parts
+            row = rows[t + 1]
+            for j in range((part % parts) * 1024, min(size, (part % parts + 1) * 1024)):
+                position = positions[j]
+                out[t, j] = abs(row[position] - base[position])
+
+    @_jit(parallel=True, boundscheck=False)
     def _gather_band(rows, n, lo, hi, offsets, band):  # pragma: no cover - compiled
         """Writes each block's lo ≤ |τ| ≤ hi, in position order, at its offset in `band`."""
         count = len(rows) - 1
@@ -218,6 +232,15 @@ def first_pass(rows: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor
             values.append(torch.from_numpy(np.concatenate([scratch[b, t, : inside[b, t]] for b in range(blocks)])))
     bands = [Bands(values[t], ends[:, t]) for t in range(count)]
     return torch.from_numpy(gram.sum(axis=0)), float(base_sq.sum()), above.sum(axis=0).tolist(), bands
+
+
+def sample(rows: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """[T, m] |τ| of every fine-tune at `positions` (the brackets' sample)."""
+    out = np.empty((len(rows) - 1, positions.numel()), np.float32)
+    with _LAUNCH:
+        _launch()
+        _sample(_arrays(rows), positions.numpy(), out)
+    return torch.from_numpy(out)
 
 
 def second_pass(rows: list[torch.Tensor], floors: torch.Tensor, cuts: torch.Tensor, weights: torch.Tensor,

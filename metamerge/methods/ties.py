@@ -116,8 +116,11 @@ def _brackets(rows: Rows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per fine-tune, [T, 1] values around its k-th largest |τ|, from one set of sampled positions."""
     count, n = len(rows) - 1, rows[0].numel()
     positions = sample_positions(n, rows[0].device)
-    base = rows[0][positions]
-    brackets = [bracket(rows[1 + t][positions].sub_(base).abs_(), k, n) for t in range(count)]
+    if use_compiled():  # the sampled pages of mapped rows fault in on every core
+        samples = compiled.sample(rows, positions)
+    else:
+        samples = torch.stack([row[positions] for row in rows[1:]]).sub_(rows[0][positions]).abs_()
+    brackets = [bracket(samples[t], k, n) for t in range(count)]
     lo = torch.stack([b[0] for b in brackets]).reshape(count, 1)
     hi = torch.stack([b[1] for b in brackets]).reshape(count, 1)
     return lo, hi
