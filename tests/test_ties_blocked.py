@@ -161,6 +161,10 @@ def test_the_arithmetic_election_is_the_boolean_one(weights, normalize):
     assert torch.equal(out.view(torch.int32), _elect_with_bool_masks(taus, w, plan).view(torch.int32))
 
 
+def test_both_passes_cut_blocks_alike():
+    assert ties.BLOCK == compiled.BLOCK  # the tie search finds a band's block by this size
+
+
 def test_small_tensors_keep_the_unfused_path():
     cpu = torch.device("cpu")
     assert not ties.fused(_plan(), selection.SELECT_MIN, cpu)
@@ -203,3 +207,48 @@ def test_the_compiled_sample_and_brackets_are_the_torch_ones(monkeypatch, passes
     compiled_brackets = ties._brackets(rows, k)
     monkeypatch.setenv("METAMERGE_COMPILED", "0")
     assert all(torch.equal(a, b) for a, b in zip(compiled_brackets, ties._brackets(rows, k), strict=True))
+
+
+_CPU_SCRIPT = """
+import hashlib, sys, torch
+from metamerge.methods import ties
+from metamerge.methods.plan import MergePlan
+from tests.test_ties_blocked import _stacked
+assert ties.use_compiled()
+digest = hashlib.sha256()
+for kind in ("random", "bf16", "ties"):
+    for normalize, scale in ((True, 1.0), (False, 0.7)):
+        plan = MergePlan(sparsify="magnitude", density=0.2, consensus="ties", weighting="constant", scale=scale,
+                         normalize=normalize)
+        merged, _, _ = ties.ties_piece(list(_stacked(kind)), torch.tensor([0.5, 0.3, 0.2]), plan, None,
+                                       lambda g, b: None)
+        digest.update(merged.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_the_compiled_passes_give_the_same_floats_for_any_target_cpu(passes):
+    """numba compiles for the CPU it runs on (vector width, FMA): strict IEEE code must not care.
+
+    Each target compiles in its own process (NUMBA_CPU_NAME); the merged floats must be bit-equal.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if passes != "compiled":
+        pytest.skip("about the compiled passes")
+    root = Path(__file__).resolve().parents[1]
+    prints = set()
+    for cpu in ("x86-64", "haswell", None):  # SSE2 only, AVX2 + FMA, this machine's own
+        env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+        if cpu:
+            env["NUMBA_CPU_NAME"] = cpu
+        env["PYTHONPATH"] = str(root)
+        done = subprocess.run([sys.executable, "-c", _CPU_SCRIPT], env=env, capture_output=True, text=True,
+                              timeout=600, cwd=root)
+        assert done.returncode == 0, done.stderr
+        prints.add(done.stdout.strip())
+    assert len(prints) == 1, prints

@@ -11,13 +11,16 @@ path either way (tested bit for bit): the same thresholds, the same tie rule, th
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import os
+import types
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from metamerge.methods import compiled
 from metamerge.methods.kernels import combine, elect_and_combine
 from metamerge.methods.plan import MergePlan
 from metamerge.methods.selection import (
@@ -29,7 +32,10 @@ from metamerge.methods.selection import (
     trim_,
 )
 
-BLOCK = compiled.BLOCK  # the tie search finds a band's block by this size, whichever pass made it
+if TYPE_CHECKING:
+    from metamerge.methods.compiled import Bands
+
+BLOCK = 1 << 16  # the tie search finds a band's block by this size: compiled.BLOCK too (tested)
 
 
 SMALLEST_FLOOR = 2.0**-100  # below it, 1 ulp is subnormal: a flush-to-zero CPU could lose |τ| − floor > 0
@@ -56,9 +62,10 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
     rows = list(inputs)
     count, n = len(rows) - 1, rows[0].numel()
     k = max(1, int(plan.density * n))
+    fast = use_compiled()
     lo, hi = _brackets(rows, k)
-    if use_compiled():
-        gram, base_sq, above, bands = compiled.first_pass(rows, lo, hi)
+    if fast:
+        gram, base_sq, above, bands = _compiled().first_pass(rows, lo, hi)
 
         def magnitudes(t: int, begin: int, end: int) -> torch.Tensor:
             return torch.sub(rows[t + 1][begin:end], rows[0][begin:end]).abs_()
@@ -73,26 +80,39 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
     for t in range(count):
         thresholds[t], drops = _threshold(lambda begin, end, t=t: magnitudes(t, begin, end), n, k, int(above[t]), bands[t])
         cuts[t] = int(drops[0]) if drops.numel() else n
-        if not use_compiled():
+        if not fast:
             stacked[1 + t, drops] = 0.0  # the torch passes zero the ties beyond k; the compiled ones skip them
     # |τ| ≥ threshold ⟺ |τ| − (the float just below it) > 0: a keep-mask from arithmetic alone
     floors = torch.nextafter(thresholds, torch.tensor(-math.inf)).reshape(count, 1)
     if float(floors.min()) < SMALLEST_FLOOR:  # the unfused trim finds the same thresholds, with bool masks
-        taus = torch.stack(rows[1:]).sub_(rows[0]) if use_compiled() else stacked[1:]
+        taus = torch.stack(rows[1:]).sub_(rows[0]) if fast else stacked[1:]
         for t in range(count):
             trim_(taus[t], plan.density)
         return combine(taus, weights, plan, out=out).add_(rows[0]), gram, base_sq
     out = torch.empty(n) if out is None else out
-    if use_compiled():
-        compiled.second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, out[:n])
+    if fast:
+        _compiled().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, out[:n])
     else:
         _second_pass(stacked, floors, weights, plan, out)
     return out[:n], gram, base_sq
 
 
 def use_compiled() -> bool:
-    """The compiled passes when numba imports; METAMERGE_COMPILED=0 forces the torch ones."""
-    return compiled.AVAILABLE and os.environ.get("METAMERGE_COMPILED", "1") != "0"
+    """The compiled passes when numba is installed; METAMERGE_COMPILED=0 forces the torch ones."""
+    return _numba_installed() and os.environ.get("METAMERGE_COMPILED", "1") != "0"
+
+
+@functools.cache
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def _compiled() -> types.ModuleType:
+    """`methods/compiled.py`, imported on first use: numba and LLVM cost about 130 MB of memory
+    and a second of start-up, which merges that never run TIES should not pay."""
+    from metamerge.methods import compiled
+
+    return compiled
 
 
 def _second_pass(stacked: torch.Tensor, floors: torch.Tensor, weights: torch.Tensor, plan: MergePlan,
@@ -117,7 +137,7 @@ def _brackets(rows: Rows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     count, n = len(rows) - 1, rows[0].numel()
     positions = sample_positions(n, rows[0].device)
     if use_compiled():  # the sampled pages of mapped rows fault in on every core
-        samples = compiled.sample(rows, positions)
+        samples = _compiled().sample(rows, positions)
     else:
         samples = torch.stack([row[positions] for row in rows[1:]]).sub_(rows[0][positions]).abs_()
     brackets = [bracket(samples[t], k, n) for t in range(count)]
@@ -189,7 +209,7 @@ class _Band:
 
 
 def _threshold(magnitudes: Callable[[int, int], torch.Tensor], n: int, k: int, above: int,
-               bands: _Band | compiled.Bands) -> tuple[torch.Tensor, torch.Tensor]:
+               bands: _Band | Bands) -> tuple[torch.Tensor, torch.Tensor]:
     """The k-th largest |τ| (exact), and the positions of the entries tied with it beyond the k
     kept (the highest-index ones, as `selection.trim_`), in increasing order.
 
