@@ -18,7 +18,9 @@ def read_ahead(count: int, load: Callable[[int, int], Loaded]) -> Iterator[Loade
     """Yields load(0, slot 0), load(1, slot 1), load(2, slot 0)…, each started while the previous is used.
 
     `load(index, slot)` must write only into buffers of `slot`: the consumer is still reading
-    the other slot's. A load's exception is raised where its result is taken.
+    the other slot's. A load's exception is raised where its result is taken. The generator lets
+    go of piece i before it starts loading piece i+2, so a consumer that drops piece i before
+    asking for i+1 holds at most two pieces (mapped pieces count in memory while referenced).
     """
     if count == 0:
         return

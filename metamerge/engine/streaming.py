@@ -218,7 +218,8 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
     with closing(reads), ThreadPoolExecutor(max_workers=1) as writer_pool:
         pending_write: Future | None = None
         done_bytes = 0
-        for index, ((info, rows), loaded) in enumerate(zip(work, reads, strict=True)):
+        for index, (info, rows) in enumerate(work):
+            loaded = next(reads)
             workspace = workspaces[index % 2]  # the slot read_ahead loaded this piece into
             shape = base.piece_shape(info.name, rows)
             totals.bytes_read += sum(row.numel() * row.element_size() for row in
@@ -240,6 +241,7 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
                     lost = result.to(torch.float32) - result32.reshape(shape)
                     totals.rounding_num += float(torch.linalg.vector_norm(lost, dtype=torch.float64)) ** 2
                     totals.rounding_den += float(torch.linalg.vector_norm(result32.reshape(shape) - base32, dtype=torch.float64)) ** 2
+                    del base32
                     if not bool(torch.isfinite(result).all()):
                         raise CheckpointError(f"tensor {info.name!r} overflows {info.dtype} after merging")
             else:
@@ -252,6 +254,9 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
                 progress(done_bytes, total_bytes, info.name)
             if index == len(work) // 2:
                 hang_point(hang_at)
+            # no reference may outlive the piece: read_ahead starts the next load only after it takes this
+            # one back, so a mapped piece is unmapped before a third one is mapped (RSS: two in flight)
+            del loaded
         if pending_write is not None:
             pending_write.result()
     return totals
