@@ -145,6 +145,7 @@ if AVAILABLE:
             vote = np.empty(width, np.float32)
             total = np.empty(width, np.float32)
             mass = np.empty(width, np.float32)
+            kept = np.empty((count, width), np.float32)  # trimmed τ of the block: made once, read twice
             for t in range(count):
                 row = rows[t + 1][start:end]
                 floor, cut, weight = floors[t], cuts[t] - start, weights[t]
@@ -154,16 +155,12 @@ if AVAILABLE:
                     magnitude = abs(tau)
                     keep = (magnitude > floor) & ((magnitude != threshold) | (i < cut))
                     tau = tau if keep else zero
+                    kept[t, i] = tau
                     vote[i] = weight * tau if t == 0 else vote[i] + weight * tau
             for t in range(count):
-                row = rows[t + 1][start:end]
-                floor, cut, weight = floors[t], cuts[t] - start, weights[t]
-                threshold = np.nextafter(floor, np.float32(np.inf))
+                weight = weights[t]
                 for i in range(width):
-                    tau = row[i] - base[i]
-                    magnitude = abs(tau)
-                    keep = (magnitude > floor) & ((magnitude != threshold) | (i < cut))
-                    tau = tau if keep else zero
+                    tau = kept[t, i]
                     agrees = tau > zero if vote[i] >= zero else tau < zero
                     share = weight if agrees else zero
                     if t == 0:  # from +0, as torch sums: an all-zero total is +0
