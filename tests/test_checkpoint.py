@@ -63,3 +63,37 @@ def test_missing_shard_named_in_index(tmp_path):
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing: model-00002-of-00002"):
         CheckpointReader(folder)
+
+
+def _rss_file_mb() -> float:
+    """Mapped file pages in RSS (RssShmem too: on a tmpfs the file's pages are counted there)."""
+    return sum(int(line.split()[1]) for line in open("/proc/self/status")
+               if line.startswith(("RssFile", "RssShmem"))) / 1024
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_mapped_piece_is_the_read_one_and_its_pages_count_only_while_it_lives(tmp_path):
+    """The merge's memory bound rests on this: a mapped piece's pages leave RSS with its last reference."""
+    import gc
+
+    from metamerge.engine.pieces import populate
+
+    gen = torch.Generator().manual_seed(5)
+    tensors = {"a": torch.randn(7, 3, generator=gen), "big": torch.randn(6000, 4096, generator=gen),
+               "half": torch.randn(5, 5, generator=gen).to(torch.bfloat16)}
+    write_checkpoint(tmp_path / "m", tensors)
+    reader = CheckpointReader(tmp_path / "m")
+    assert torch.equal(reader.mapped_f32("a"), tensors["a"].reshape(-1))
+    assert torch.equal(reader.mapped_f32("big", rows=(10, 20)), tensors["big"][10:20].reshape(-1))
+    assert reader.mapped_f32("half") is None  # stored bf16: the engine reads and converts it
+    before = _rss_file_mb()
+    piece = reader.mapped_f32("big")  # 94 MB
+    assert _rss_file_mb() - before < 10  # mapped, not yet touched
+    populate(piece)
+    assert _rss_file_mb() - before > 80  # every page mapped at once
+    piece.add_(1.0)  # copy-on-write: a write never reaches the file
+    assert torch.equal(reader.read("big"), tensors["big"])
+    del piece
+    gc.collect()
+    assert _rss_file_mb() - before < 10
+    reader.close()

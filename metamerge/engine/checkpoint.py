@@ -222,7 +222,7 @@ class CheckpointReader:
     def expect(self, reads: list[tuple[str, tuple[int, int] | None]]) -> None:
         """The reads to come, in order: a local file needs no plan (a ranged reader fetches ahead)."""
 
-    def mapped_f32(self, name: str, rows: tuple[int, int] | None = None, populate: bool = False) -> torch.Tensor | None:
+    def mapped_f32(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         """The piece straight from the page cache (mmap), no copy; None where a read must copy.
 
         Copy-on-write, so no write can reach the file. Its pages count as this process's memory
@@ -243,10 +243,7 @@ class CheckpointReader:
             mapping = mmap.mmap(self._fd(file), end - start, offset=start, access=mmap.ACCESS_COPY)
         except (OSError, ValueError):  # e.g. a file system without mmap: reading still works
             return None
-        tensor = torch.frombuffer(mapping, dtype=torch.float32, count=(end - begin) // 4, offset=begin - start)
-        if populate:
-            _populate(tensor.data_ptr() - (begin - start), end - start)
-        return tensor
+        return torch.frombuffer(mapping, dtype=torch.float32, count=(end - begin) // 4, offset=begin - start)
 
     def read_f32_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Fills a flat float32 buffer with the piece, converting when stored otherwise; returns it."""
@@ -266,17 +263,6 @@ class CheckpointReader:
             self.close()
         except Exception:  # noqa: BLE001
             pass
-
-
-import ctypes  # noqa: E402
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-MADV_POPULATE_READ = 22
-
-
-def _populate(address: int, length: int) -> None:
-    _LIBC.madvise(address, length, MADV_POPULATE_READ)
 
 
 def row_chunks(info: TensorInfo, max_elements: int) -> list[tuple[int, int] | None]:

@@ -64,9 +64,9 @@ def _reads_only(plan: MergePlan) -> Callable[[int], bool]:
 
 
 def _merge_piece(
-    stacked: torch.Tensor | list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str,
-    part: int,
-    out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base", shape: tuple[int, ...] = (),
+    stacked: torch.Tensor | list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str],
+    name: str, part: int, out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base",
+    shape: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64; ‖θ₀ piece‖²).
 
