@@ -195,10 +195,6 @@ class Bands:
     def block(self, index: int) -> torch.Tensor:
         return self.values[(int(self.ends[index - 1]) if index else 0) : int(self.ends[index])]
 
-    @property
-    def blocks(self) -> int:
-        return len(self.ends)
-
 
 def first_pass(rows: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor
                ) -> tuple[torch.Tensor, float, list[int], list[Bands]]:
