@@ -57,7 +57,7 @@ def read_f32(reader: CheckpointReader | LoraReader, name: str, rows: tuple[int, 
              mapped: bool = False) -> torch.Tensor:
     """A flat float32 view of the piece: mapped when `mapped` and the reader can, else in `buffer`
     when it fits (no allocation), else a fresh tensor."""
-    if mapped and not isinstance(reader, (LoraReader, RemoteCheckpointReader)):
+    if mapped:  # the caller checked `can_map` for this reader
         piece = reader.mapped_f32(name, rows)
         if piece is not None:
             return piece

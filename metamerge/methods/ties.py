@@ -63,7 +63,7 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
     count, n = len(rows) - 1, rows[0].numel()
     k = max(1, int(plan.density * n))
     fast = use_compiled()
-    lo, hi = _brackets(rows, k)
+    lo, hi = _brackets(rows, k, fast)
     if fast:
         gram, base_sq, above, bands = _compiled().first_pass(rows, lo, hi)
 
@@ -132,11 +132,11 @@ def _second_pass(stacked: torch.Tensor, floors: torch.Tensor, weights: torch.Ten
         target.add_(block[0])
 
 
-def _brackets(rows: Rows, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _brackets(rows: Rows, k: int, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per fine-tune, [T, 1] values around its k-th largest |τ|, from one set of sampled positions."""
     count, n = len(rows) - 1, rows[0].numel()
     positions = sample_positions(n, rows[0].device)
-    if use_compiled():  # the sampled pages of mapped rows fault in on every core
+    if fast:  # the compiled gather: the sampled pages of mapped rows fault in on every core
         samples = _compiled().sample(rows, positions)
     else:
         samples = torch.stack([row[positions] for row in rows[1:]]).sub_(rows[0][positions]).abs_()
