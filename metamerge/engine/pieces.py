@@ -87,17 +87,16 @@ class PieceReader:
 
     `reads_only(n)` says whether the merge of an n-entry piece only reads its inputs: then, on
     the CPU and when every input maps, the piece is a list of mapped rows; otherwise a [T+1, n]
-    tensor in the workspace (pinned and moved for CUDA). `populate`: map the rows' pages on
-    the loading thread (worth it when the merge leaves that thread a core, see `populate`).
+    tensor in the workspace (pinned and moved for CUDA). Mapped rows have their pages mapped on
+    the loading thread (`populate`), while the merge computes the piece before.
     """
 
     def __init__(self, base: CheckpointReader, finetunes: list[tuple[CheckpointReader | LoraReader, Alignment]],
-                 device: torch.device, reads_only: Callable[[int], bool], populate: bool = False):
+                 device: torch.device, reads_only: Callable[[int], bool]):
         self.base, self.finetunes, self.device = base, finetunes, device
         floats = [name for name in base.names if base.info(name).is_float]
         self.maps = device.type == "cpu" and all(can_map(r, floats) for r in [base, *(r for r, _ in finetunes)])
         self.reads_only = reads_only
-        self.populate = populate
 
     def load(self, name: str, rows: tuple[int, int] | None, workspace: Workspace) -> torch.Tensor | list[torch.Tensor]:
         """[T+1, n] float32 on the compute device, or its rows (mapped); row 0 is the base.
@@ -109,9 +108,8 @@ class PieceReader:
         if self.maps and self.reads_only(n):
             mapped = [reader.mapped_f32(name, piece_rows) for reader, piece_rows in sources]
             if all(row is not None for row in mapped):
-                if self.populate:
-                    for row in mapped:
-                        populate(row)
+                for row in mapped:
+                    populate(row)
                 return mapped
         pin = self.device.type == "cuda"
         if n <= workspace.capacity:

@@ -206,8 +206,7 @@ def stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes: 
 def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes: int, progress: ProgressFn | None,
                   hang_at: str) -> _Totals:
     base, plan, labels, coefficients, compute_device = job.base, job.plan, job.labels, job.coefficients, job.device
-    # a linear merge leaves the loading thread a core (compute_threads): it maps the next piece's pages
-    inputs = PieceReader(base, job.pairs, compute_device, _reads_only(plan), populate=plan.linear)
+    inputs = PieceReader(base, job.pairs, compute_device, _reads_only(plan))
     aliases = tied_aliases(base) if plan.random else {}
     _expect_reads(job, work)
     capacity = checkpoint.CHUNK_ELEMENTS  # whole tensors larger than this (TIES only) get their own buffers

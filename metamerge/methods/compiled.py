@@ -7,7 +7,7 @@ long as reading the inputs. Here each block of entries is read once per pass and
 stays in registers. The loops are written without branches on the data (selects only) so
 LLVM vectorizes them, and without reassociation of float sums (numba's default strict IEEE
 mode), so the merged floats are those of the torch kernels on every CPU, bit for bit (tested).
-Only the diagnostics (gram, ‖θ₀‖²) may reassociate: they are reported, never merged. The
+Only the diagnostics (gram, ‖θ₀‖², float32 runs summed in float64) may reassociate: they are reported, never merged. The
 inputs are only read (they may be mapped files): τ = θ_t − θ₀ is made where it is used.
 
 `AVAILABLE` is False when numba cannot be imported: TIES then runs on the torch passes, which
@@ -50,34 +50,40 @@ def _jit(**options):
 
 if AVAILABLE:
     @_jit(boundscheck=False, fastmath={"reassoc"})
-    def _dot(x, y, base):  # pragma: no cover - compiled
-        """Σ (x − base)·(y − base) in float64, reassociated (vectorized): diagnostics only, never merged."""
+    def _dot(x, y):  # pragma: no cover - compiled
+        """Σ x·y in float32 runs of 1024, vectorized (reassociated), summed in float64: diagnostics only."""
         total = 0.0
-        for i in range(x.shape[0]):
-            total += np.float64(x[i] - base[i]) * np.float64(y[i] - base[i])
+        for run in range(0, x.shape[0], 1024):
+            part = np.float32(0.0)
+            xs, ys = x[run : run + 1024], y[run : run + 1024]  # (a loop over slices vectorizes, range(run, …) not)
+            for i in range(xs.shape[0]):
+                part += xs[i] * ys[i]
+            total += part
         return total
 
     @_jit(parallel=True, boundscheck=False)
     def _first_pass(rows, n, lo, hi, above, inside, gram, base_sq, scratch):  # pragma: no cover - compiled
         """Per block and fine-tune, while the block is in cache: |τ| > hi counted, lo ≤ |τ| ≤ hi
         counted and copied in position order into the block's `scratch` row (as far as it holds);
-        the block's gram and Σ θ₀². τ = θ_t − θ₀ is made on the fly: the rows are only read."""
+        the block's gram and Σ θ₀². The rows are only read: τ = θ_t − θ₀ goes to a block of its own."""
         count = len(rows) - 1
         capacity = scratch.shape[2] - 1
         blocks = (n + BLOCK - 1) // BLOCK
-        zeros = np.zeros(BLOCK, np.float32)
         for b in prange(blocks):
             start = b * BLOCK
             end = min(n, start + BLOCK)
+            width = end - start
             base = rows[0][start:end]
-            base_sq[b] = _dot(base, base, zeros[: end - start])
+            base_sq[b] = _dot(base, base)
+            taus = np.empty((count, width), np.float32)
             for t in range(count):
-                row = rows[t + 1][start:end]
+                row, tau = rows[t + 1][start:end], taus[t]
                 low, high = lo[t], hi[t]
                 up = 0
                 band = 0
-                for i in range(end - start):  # no branch: vectorized
-                    magnitude = abs(row[i] - base[i])
+                for i in range(width):  # no branch: vectorized
+                    tau[i] = row[i] - base[i]
+                    magnitude = abs(tau[i])
                     up += magnitude > high
                     band += (magnitude >= low) & (magnitude <= high)
                 above[b, t] = up
@@ -85,13 +91,13 @@ if AVAILABLE:
                 if band <= capacity:
                     kept = scratch[b, t]
                     at = 0
-                    for i in range(end - start):  # no branch: every value is written, the next overwrites
-                        magnitude = abs(row[i] - base[i])  # it unless it was inside (one spare slot at the end)
+                    for i in range(width):  # no branch: every value is written, the next overwrites
+                        magnitude = abs(tau[i])  # it unless it was inside (one spare slot at the end)
                         kept[at] = magnitude
                         at += (magnitude >= low) & (magnitude <= high)
             for x in range(count):
                 for y in range(x, count):
-                    gram[b, x, y] = gram[b, y, x] = _dot(rows[x + 1][start:end], rows[y + 1][start:end], base)
+                    gram[b, x, y] = gram[b, y, x] = _dot(taus[x], taus[y])
 
     @_jit(parallel=True, boundscheck=False)
     def _sample(rows, positions, out):  # pragma: no cover - compiled

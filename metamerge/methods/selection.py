@@ -15,7 +15,10 @@ import numpy as np
 import torch
 
 SELECT_MIN = 1 << 16  # from this many entries on, a sampled bracket beats a full kthvalue
-SAMPLE = 1 << 14
+# Sampled |τ| per bracket. Each sampled position in a big tensor is a TLB and cache miss (about
+# 0.1 µs), so the sample's size is the bracket's cost; a smaller one only widens the band
+# (±2.5 % of the ranks at density 0.2), which the compaction copies at no extra cost per entry.
+SAMPLE = 1 << 12
 
 
 def bracket(sample: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
