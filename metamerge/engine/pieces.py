@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from metamerge.engine.checkpoint import CheckpointReader
+from metamerge.engine.checkpoint import CHUNK_ELEMENTS, CheckpointReader
 from metamerge.engine.compat import Alignment, aligned_rows
 from metamerge.engine.lora import LoraReader
 from metamerge.engine.remote import RemoteCheckpointReader
@@ -87,8 +87,10 @@ class PieceReader:
 
     `reads_only(n)` says whether the merge of an n-entry piece only reads its inputs: then, on
     the CPU and when every input maps, the piece is a list of mapped rows; otherwise a [T+1, n]
-    tensor in the workspace (pinned and moved for CUDA). Mapped rows have their pages mapped on
-    the loading thread (`populate`), while the merge computes the piece before.
+    tensor in the workspace (pinned and moved for CUDA). Mapped rows of a piece up to a chunk
+    have their pages mapped on the loading thread (`populate`), while the merge computes the
+    piece before; a bigger piece (a whole tensor, for TIES) faults in as it is used, so that two
+    of them are never resident at once.
     """
 
     def __init__(self, base: CheckpointReader, finetunes: list[tuple[CheckpointReader | LoraReader, Alignment]],
@@ -108,8 +110,9 @@ class PieceReader:
         if self.maps and self.reads_only(n):
             mapped = [reader.mapped_f32(name, piece_rows) for reader, piece_rows in sources]
             if all(row is not None for row in mapped):
-                for row in mapped:
-                    populate(row)
+                if n <= CHUNK_ELEMENTS:
+                    for row in mapped:
+                        populate(row)
                 return mapped
         pin = self.device.type == "cuda"
         if n <= workspace.capacity:
