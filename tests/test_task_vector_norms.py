@@ -213,3 +213,37 @@ def test_read_ahead_yields_in_order_alternates_slots_and_leaves_no_thread():
     early.close()  # piece 1 is still loading: close waits for it
     assert not [t for t in threading.enumerate() if t.name.startswith("read-ahead")]
     assert list(read_ahead(0, slow)) == []
+
+
+def test_read_ahead_drops_each_piece_on_the_loading_thread_before_the_load_after_next():
+    """A mapped piece is unmapped where its last reference goes: that must be the loading thread
+    (the consumer's thread computes), and before piece i+2 is loaded (two pieces in flight)."""
+    import threading
+
+    from metamerge.engine.prefetch import read_ahead
+
+    events: list[tuple[str, int, str]] = []
+
+    class Piece:
+        def __init__(self, index: int):
+            self.index = index
+
+        def __del__(self):
+            events.append(("dropped", self.index, threading.current_thread().name))
+
+    def load(index: int, slot: int) -> Piece:
+        events.append(("loaded", index, threading.current_thread().name))
+        return Piece(index)
+
+    pieces = read_ahead(4, load)
+    for _ in range(4):
+        piece = next(pieces)
+        del piece  # the consumer lets go before asking for the next one, as the merge loop does
+    with pytest.raises(StopIteration):
+        next(pieces)
+    dropped = [e for e in events if e[0] == "dropped"]
+    assert sorted(e[1] for e in dropped) == [0, 1, 2, 3]
+    assert all(name.startswith("read-ahead") for _, _, name in dropped), dropped
+    order = [(kind, index) for kind, index, _ in events]
+    for index in range(2):
+        assert order.index(("dropped", index)) < order.index(("loaded", index + 2))

@@ -176,7 +176,8 @@ def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]],
                 values = [0.0] * len(sums)
                 raws = [0.0] * len(sums)
                 for rows in pieces[name]:
-                    theta0, *thetas = next(loaded)  # mapped pieces unmap when these names are rebound
+                    theta0 = thetas = None  # the last piece goes first: read_ahead unmaps it on its thread
+                    theta0, *thetas = next(loaded)
                     base_sq += float(torch.dot(theta0, theta0))
                     if plan.sparsify == "none":  # τ is never written: one read of each piece, in cache
                         values = [v + d for v, d in zip(values, sq_norms_of_differences(thetas, theta0), strict=True)]
