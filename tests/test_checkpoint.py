@@ -97,3 +97,36 @@ def test_a_mapped_piece_is_the_read_one_and_its_pages_count_only_while_it_lives(
     gc.collect()
     assert _rss_file_mb() - before < 10
     reader.close()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_piece_reader_maps_pages_ahead_for_chunks_but_not_for_whole_big_tensors(tmp_path, monkeypatch):
+    """The loading thread maps a chunk's pages while the merge computes the piece before; a piece
+    above a chunk (a whole tensor, for TIES) would then be resident twice over, so it faults in as used."""
+    import gc
+
+    from metamerge.engine import pieces
+    from metamerge.engine.compat import align
+
+    gen = torch.Generator().manual_seed(6)
+    big = torch.randn(6000, 4096, generator=gen)
+    write_checkpoint(tmp_path / "base", {"w": big})
+    write_checkpoint(tmp_path / "ft", {"w": big + 0.01})
+    base, ft = CheckpointReader(tmp_path / "base"), CheckpointReader(tmp_path / "ft", label="ft")
+    reader = pieces.PieceReader(base, [(ft, align(base, ft))], torch.device("cpu"), lambda n: True)
+    workspace = pieces.Workspace(2, 16, pin=False)
+    monkeypatch.setattr(pieces, "CHUNK_ELEMENTS", 1000 * 4096)
+    before = _rss_file_mb()
+    chunk = reader.load("w", (0, 1000), workspace)  # 2 × 16 MB, at the chunk size
+    assert _rss_file_mb() - before > 28  # mapped ahead, before anything touched it
+    assert isinstance(chunk, list) and torch.equal(chunk[1], (big[:1000] + 0.01).reshape(-1))
+    del chunk
+    gc.collect()
+    before = _rss_file_mb()
+    whole = reader.load("w", None, workspace)  # 2 × 94 MB, above the chunk size
+    assert _rss_file_mb() - before < 10
+    assert torch.equal(whole[0], big.reshape(-1))  # touched: now resident
+    del whole
+    gc.collect()
+    base.close()
+    ft.close()
