@@ -251,3 +251,52 @@ def test_the_compiled_passes_give_the_same_floats_for_any_target_cpu(passes):
         assert done.returncode == 0, done.stderr
         prints.add(done.stdout.strip())
     assert len(prints) == 1, prints
+
+
+@pytest.mark.parametrize("kind", ["random", "bf16", "ties"])
+def test_remembered_trims_give_the_same_merge_in_one_pass(kind, passes, monkeypatch):
+    """A second merge with the trims the first one learned: one pass (no bracket, no first pass),
+    the same floats, the same gram."""
+    plan, stacked, weights = _plan(), _stacked(kind), torch.tensor([0.5, 0.3, 0.2])
+    learned: list = []
+    first, gram, base_sq = ties.ties_piece(list(stacked), weights, plan, None, lambda g, b: None, learn=learned.append)
+    assert len(learned) == 1 and len(learned[0]) == 3
+    k = int(plan.density * N)
+    for t, (threshold, cut) in enumerate(learned[0]):  # against a stable sort: the k-th |τ|, and where its ties drop
+        magnitudes = (stacked[t + 1] - stacked[0]).abs()
+        order = torch.sort(magnitudes, descending=True, stable=True).indices
+        assert threshold == float(magnitudes[order[k - 1]])
+        tied_dropped = order[k:][magnitudes[order[k:]] == threshold]
+        assert cut == (int(tied_dropped.min()) if tied_dropped.numel() else N)
+    if passes != "compiled":
+        return  # the torch passes learn trims but always select (they are the fallback)
+    monkeypatch.setattr(ties, "_brackets", lambda *a: pytest.fail("remembered trims need no bracket"))
+    checked = []
+    again, gram2, base_sq2 = ties.ties_piece(list(stacked), weights, plan, None, lambda g, b: checked.append(g),
+                                             known=learned[0])
+    assert checked and torch.equal(again.view(torch.int32), first.view(torch.int32))
+    assert torch.allclose(gram2, gram, rtol=1e-6) and base_sq2 == pytest.approx(base_sq, rel=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["threshold up", "threshold down", "cut", "nan", "negative", "count"])
+def test_a_wrong_remembered_trim_is_caught_and_the_tensor_selected_again(damage, passes):
+    """A trim from a stale or tampered cache must never reach the merged bytes: the one pass counts
+    what each fine-tune kept, and anything but k sends the tensor through the full selection."""
+    if passes != "compiled":
+        pytest.skip("remembered trims are used by the compiled passes")
+    plan, stacked, weights = _plan(), _stacked("ties"), torch.ones(3)
+    learned: list = []
+    expected, _, _ = ties.ties_piece(list(stacked), weights, plan, None, lambda g, b: None, learn=learned.append)
+    trims = list(learned[0])
+    threshold, cut = trims[1]
+    trims[1] = {"threshold up": (float(torch.nextafter(torch.tensor(threshold), torch.tensor(1.0))), cut),
+                "threshold down": (float(torch.nextafter(torch.tensor(threshold), torch.tensor(0.0))), cut),
+                "cut": (threshold, cut + 1 if cut < N else 0), "nan": (float("nan"), cut),
+                "negative": (-threshold, cut), "count": trims[1]}[damage]
+    if damage == "count":
+        trims = trims[:2]
+    relearned: list = []
+    merged, _, _ = ties.ties_piece(list(stacked), weights, plan, None, lambda g, b: None, known=trims,
+                                   learn=relearned.append)
+    assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
+    assert relearned == learned  # selected again, and the right trims learned for next time

@@ -133,9 +133,11 @@ if AVAILABLE:
                         at += 1
 
     @_jit(parallel=True, boundscheck=False)
-    def _second_pass(rows, n, floors, cuts, weights, scale, normalize, out):  # pragma: no cover - compiled
+    def _second_pass(rows, n, floors, cuts, weights, scale, normalize, out, kept_count, diagnostics, gram,
+                     base_sq):  # pragma: no cover - compiled
         """Trim (keep |τ| > floor, except ties with the threshold from position `cut` on), elect
-        (sign of Σ w τ, 0 elects +), disjoint sum or mean, ·scale, + θ₀.
+        (sign of Σ w τ, 0 elects +), disjoint sum or mean, ·scale, + θ₀. Counts what each
+        fine-tune keeps per block; with `diagnostics` (no first pass ran), also the gram and Σ θ₀².
 
         Every sum runs over the fine-tunes in order, with no fused multiply-add, as in
         `kernels.elect_and_combine`: the same floats, the same signed zeros.
@@ -156,13 +158,16 @@ if AVAILABLE:
                 row = rows[t + 1][start:end]
                 floor, cut, weight = floors[t], cuts[t] - start, weights[t]
                 threshold = np.nextafter(floor, np.float32(np.inf))
+                number = 0
                 for i in range(width):
                     tau = row[i] - base[i]
                     magnitude = abs(tau)
                     keep = (magnitude > floor) & ((magnitude != threshold) | (i < cut))
+                    number += keep
                     tau = tau if keep else zero
                     kept[t, i] = tau
                     vote[i] = weight * tau if t == 0 else vote[i] + weight * tau
+                kept_count[b, t] = number
             for t in range(count):
                 weight = weights[t]
                 for i in range(width):
@@ -182,6 +187,15 @@ if AVAILABLE:
                     delta = delta / (mass[i] if mass[i] != zero else np.float32(1.0))
                 delta = delta * scale
                 target[i] = delta + base[i]
+            if diagnostics:  # the raw τ, in the trimmed τ's scratch (no longer needed)
+                base_sq[b] = _dot(base, base)
+                for t in range(count):
+                    row, tau = rows[t + 1][start:end], kept[t]
+                    for i in range(width):
+                        tau[i] = row[i] - base[i]
+                for x in range(count):
+                    for y in range(x, count):
+                        gram[b, x, y] = gram[b, y, x] = _dot(kept[x], kept[y])
 
 
 def _launch() -> None:
@@ -243,13 +257,22 @@ def sample(rows: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
 
 
 def second_pass(rows: list[torch.Tensor], floors: torch.Tensor, cuts: torch.Tensor, weights: torch.Tensor,
-                scale: float, normalize: bool, out: torch.Tensor) -> None:
+                scale: float, normalize: bool, out: torch.Tensor, diagnostics: bool = False
+                ) -> tuple[list[int], torch.Tensor | None, float]:
     """out = θ₀ + scale · TIES(trimmed τ): keep |τ| > floor except the ties from `cut` on, elect,
-    combine (see `_second_pass`)."""
+    combine (see `_second_pass`). Returns how many entries each fine-tune kept and, with
+    `diagnostics`, the gram (float64) and ‖θ₀‖² that the first pass makes otherwise."""
+    count, n = len(rows) - 1, rows[0].numel()
+    blocks = (n + BLOCK - 1) // BLOCK
+    kept = np.zeros((blocks, count), np.int64)
+    gram = np.zeros((blocks, count, count))
+    base_sq = np.zeros(blocks)
     with _LAUNCH:
         _launch()
-        _second_pass(_arrays(rows), rows[0].numel(), floors.reshape(-1).numpy(), cuts.numpy(),
-                     weights.to(torch.float32).reshape(-1).numpy(), np.float32(scale), normalize, out.numpy())
+        _second_pass(_arrays(rows), n, floors.reshape(-1).numpy(), cuts.numpy(),
+                     weights.to(torch.float32).reshape(-1).numpy(), np.float32(scale), normalize, out.numpy(),
+                     kept, diagnostics, gram, base_sq)
+    return kept.sum(axis=0).tolist(), torch.from_numpy(gram.sum(axis=0)) if diagnostics else None, float(base_sq.sum())
 
 
 def _arrays(rows: list[torch.Tensor]) -> tuple[np.ndarray, ...]:

@@ -50,19 +50,33 @@ def fused(plan: MergePlan, n: int, device: torch.device) -> bool:
 Rows = list[torch.Tensor]  # T+1 flat float32 rows, the base first; read-only (they may be mapped files)
 
 
+Trim = tuple[float, int]  # one fine-tune's exact trim of a tensor: the k-th largest |τ|, and where its dropped ties begin
+
+
 def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
-               check: Callable[[torch.Tensor, float], None]) -> tuple[torch.Tensor, torch.Tensor, float]:
+               check: Callable[[torch.Tensor, float], None], known: list[Trim] | None = None,
+               learn: Callable[[list[Trim]], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """θ₀ + TIES(τ) of `inputs` (row 0 the base) into `out`; also the gram and ‖θ₀‖².
 
     `inputs` is a writable [T+1, n] tensor or a list of read-only rows. The compiled passes
     (numba) only read them; the torch passes need the tensor and make its rows 1..T the task
-    vectors. `check(gram, base_sq)` runs after the first pass, before anything is trimmed (the
-    NaN/Inf check of the inputs).
+    vectors. `check(gram, base_sq)` runs before the merge is returned (the NaN/Inf check of the
+    inputs); on the first pass's numbers, before anything is trimmed, when there is one.
+
+    `known`: each fine-tune's trim of this tensor from an earlier merge (`engine/thresholds.py`).
+    The merge is then one pass, and is kept only if every fine-tune kept exactly k entries: a
+    trim keeps a prefix of the entries ordered by |τ| (then position), and two prefixes of one
+    order with k entries are the same set, so a wrong or stale trim is caught there and the
+    tensor is merged again from its own thresholds. `learn` receives the trims found here.
     """
     rows = list(inputs)
     count, n = len(rows) - 1, rows[0].numel()
     k = max(1, int(plan.density * n))
     fast = use_compiled()
+    if fast and known is not None:
+        merged = _merge_known(rows, weights, plan, out, check, known, k)
+        if merged is not None:
+            return merged
     lo, hi = _brackets(rows, k, fast)
     if fast:
         gram, base_sq, above, bands = _compiled().first_pass(rows, lo, hi)
@@ -82,6 +96,8 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
         cuts[t] = int(drops[0]) if drops.numel() else n
         if not fast:
             stacked[1 + t, drops] = 0.0  # the torch passes zero the ties beyond k; the compiled ones skip them
+    if learn is not None:
+        learn([(float(thresholds[t]), int(cuts[t])) for t in range(count)])
     # |τ| ≥ threshold ⟺ |τ| − (the float just below it) > 0: a keep-mask from arithmetic alone
     floors = torch.nextafter(thresholds, torch.tensor(-math.inf)).reshape(count, 1)
     if float(floors.min()) < SMALLEST_FLOOR:  # the unfused trim finds the same thresholds, with bool masks
@@ -95,6 +111,25 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
     else:
         _second_pass(stacked, floors, weights, plan, out)
     return out[:n], gram, base_sq
+
+
+def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
+                 check: Callable[[torch.Tensor, float], None], known: list[Trim], k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The merge in one pass with remembered trims; None where they do not keep exactly k entries each."""
+    count, n = len(rows) - 1, rows[0].numel()
+    if len(known) != count or not all(0 <= cut <= n for _, cut in known):
+        return None
+    thresholds = torch.tensor([threshold for threshold, _ in known], dtype=torch.float32)
+    floors = torch.nextafter(thresholds, torch.tensor(-math.inf)).reshape(count, 1)
+    if not float(floors.min()) >= SMALLEST_FLOOR:  # (NaN too) the unfused trim's range: no shortcut
+        return None
+    target = torch.empty(n) if out is None else out[:n]
+    kept, gram, base_sq = _compiled().second_pass(rows, floors, torch.tensor([cut for _, cut in known]), weights,
+                                                  plan.scale, plan.normalize, target, diagnostics=True)
+    assert gram is not None
+    check(gram, base_sq)
+    return (target, gram, base_sq) if all(number == k for number in kept) else None
 
 
 def use_compiled() -> bool:
