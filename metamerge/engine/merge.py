@@ -17,6 +17,7 @@ from pathlib import Path
 from metamerge.engine.coefficients import Coefficients
 from metamerge.engine.streaming import MergeJob, ProgressFn, rounding_loss, stream_merge
 from metamerge.engine.taskvectors import check_relative_norms
+from metamerge.engine.thresholds import ThresholdCache
 from metamerge.engine.writer import (
     ShardedWriter,
     copy_aux_files,
@@ -42,6 +43,9 @@ class MergeReport:
     delta_rounding_loss: float = 0.0
     base_sq_norm: float = 0.0
     dropped_rows: dict[str, dict[str, int]] = field(default_factory=dict)
+    ties_tensors: int = 0  # with remembered TIES trims: tensors merged, and of those, selected (not reused)
+    ties_selected: int = 0
+    ties_trims_unsaved: list[str] = field(default_factory=list)  # trim files that could not be written
 
     def relative_norms(self) -> dict[str, float]:
         """‖τ_t‖ / ‖θ₀‖ per fine-tune over every merged tensor (before any sparsification)."""
@@ -71,6 +75,7 @@ def merge_checkpoints(
     base_dir: Path, finetunes: list[tuple[str, Path]], coefficients: Coefficients, plan: MergePlan, out_dir: Path, *,
     dtype: str = "auto", device: str = "auto", shard_size_mb: float = 2000, vocab: str = "base",
     progress: ProgressFn | None = None, existing: str = "refuse", max_relative_norm: float | None = None,
+    thresholds: ThresholdCache | None = None,
 ) -> MergeReport:
     """The whole model in one process: every shard, the index, aux files, verified, then renamed in.
 
@@ -82,11 +87,14 @@ def merge_checkpoints(
     metamerge output stays, ours is dropped). Anything else there is never touched. The work
     goes to a marked, locked temporary sibling; ENOSPC / EROFS / EACCES end as one WriteError
     naming `out_dir`, with the temporary removed.
+
+    `thresholds`: TIES trims remembered from earlier merges (`engine/thresholds.py`); the ones
+    this merge finds are saved after it committed.
     """
     started = time.monotonic()
     out_dir = Path(out_dir)
     outputs.check_output(out_dir, existing)
-    job = MergeJob(base_dir, finetunes, coefficients, plan, dtype, device, vocab)
+    job = MergeJob(base_dir, finetunes, coefficients, plan, dtype, device, vocab, thresholds)
     tensors_out = job.tensors_out
     total_bytes = sum(info.nbytes for info in tensors_out)
     with writing(out_dir):
@@ -109,6 +117,7 @@ def merge_checkpoints(
             writer.abort()
         temp.discard()
         raise
+    unsaved = thresholds.save() if thresholds is not None else []
     merged = job.merged_count(tensors_out)
     return MergeReport(
         out_dir=out_dir, device=str(job.device), tensors=len(tensors_out), merged_tensors=merged,
@@ -116,6 +125,8 @@ def merge_checkpoints(
         seconds=time.monotonic() - started, gram=totals.gram.tolist(), labels=job.labels,
         delta_rounding_loss=rounding_loss(totals.rounding_num, totals.rounding_den),
         base_sq_norm=totals.base_sq_norm, dropped_rows=job.dropped_rows,
+        ties_tensors=thresholds.tensors if thresholds else 0, ties_selected=thresholds.selected if thresholds else 0,
+        ties_trims_unsaved=unsaved,
     )
 
 

@@ -25,6 +25,7 @@ from metamerge.engine.lora import open_finetune
 from metamerge.engine.pieces import PieceReader, Workspace
 from metamerge.engine.prefetch import read_ahead
 from metamerge.engine.remote import ModelSource, open_checkpoint
+from metamerge.engine.thresholds import ThresholdCache
 from metamerge.engine.writer import (
     ShardedWriter,
 )
@@ -66,19 +67,22 @@ def _reads_only(plan: MergePlan) -> Callable[[int], bool]:
 def _merge_piece(
     stacked: torch.Tensor | list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str],
     name: str, part: int, out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base",
-    shape: tuple[int, ...] = (),
+    shape: tuple[int, ...] = (), trims: ThresholdCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64; ‖θ₀ piece‖²).
 
     `stacked` is a [T+1, n] tensor, row 0 the base, whose rows 1..T become the task vectors, or
     (for the paths that only read, see `_reads_only`) a list of its rows, which may be mapped files.
     `shape` is the piece's shape: DELLA ranks within its rows, Iso-C treats a 2-D one as a matrix.
+    `trims`: TIES trims remembered between merges (whole tensors only), and where to learn them.
     """
     if plan.linear and out is not None:
         return _linear_piece_blocked(list(stacked), weights, plan, labels, name, out, base_label)
     if ties.fused(plan, stacked[0].numel(), stacked[0].device):
         return ties.ties_piece(stacked, weights, plan, out,
-                               lambda gram, base_sq: _require_finite(gram, base_sq, labels, name, base_label))
+                               lambda gram, base_sq: _require_finite(gram, base_sq, labels, name, base_label),
+                               trims.trims(name) if trims is not None else None,
+                               (lambda found: trims.learn(name, found)) if trims is not None else None)
     assert isinstance(stacked, torch.Tensor), "only read-only paths get rows"
     base, taus = stacked[0], stacked[1:]
     base_sq = float(torch.dot(base, base))
@@ -139,8 +143,9 @@ class MergeJob:
     """The inputs of one merge, opened and aligned, and its output plan (shared by every entry point)."""
 
     def __init__(self, base_dir: ModelSource, finetunes: list[tuple[str, ModelSource]], coefficients: Coefficients,
-                 plan: MergePlan, dtype: str, device: str, vocab: str):
+                 plan: MergePlan, dtype: str, device: str, vocab: str, thresholds: ThresholdCache | None = None):
         self.device = resolve_device(device)
+        self.thresholds = thresholds
         self.base = open_checkpoint(base_dir, "base")
         self.base_label = f"base {getattr(base_dir, 'ref', base_dir)}"
         readers = [open_finetune(base_dir, path, label) for label, path in finetunes]
@@ -231,7 +236,8 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
                 out = workspace.result[:n] if n <= workspace.capacity and compute_device.type == "cpu" else None
                 result32, gram, base_sq = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
                                                        rows[0] if rows else 0, out, aliases.get(info.name),
-                                                       job.base_label, tuple(shape))
+                                                       job.base_label, tuple(shape),
+                                                       job.thresholds if rows is None else None)
                 totals.gram += gram.cpu()
                 totals.base_sq_norm += base_sq
                 result = result32.reshape(shape).to(info.dtype)

@@ -54,7 +54,7 @@ Trim = tuple[float, int]  # one fine-tune's exact trim of a tensor: the k-th lar
 
 
 def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
-               check: Callable[[torch.Tensor, float], None], known: list[Trim] | None = None,
+               check: Callable[[torch.Tensor, float], None], known: list[Trim | None] | None = None,
                learn: Callable[[list[Trim]], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """θ₀ + TIES(τ) of `inputs` (row 0 the base) into `out`; also the gram and ‖θ₀‖².
 
@@ -63,8 +63,9 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
     vectors. `check(gram, base_sq)` runs before the merge is returned (the NaN/Inf check of the
     inputs); on the first pass's numbers, before anything is trimmed, when there is one.
 
-    `known`: each fine-tune's trim of this tensor from an earlier merge (`engine/thresholds.py`).
-    The merge is then one pass, and is kept only if every fine-tune kept exactly k entries: a
+    `known`: each fine-tune's trim of this tensor from an earlier merge (`engine/thresholds.py`,
+    None where unknown: those fine-tunes alone are selected). The merge is then one pass over
+    all inputs, and is kept only if every fine-tune kept exactly k entries: a
     trim keeps a prefix of the entries ordered by |τ| (then position), and two prefixes of one
     order with k entries are the same set, so a wrong or stale trim is caught there and the
     tensor is merged again from its own thresholds. `learn` receives the trims found here.
@@ -73,16 +74,14 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
     count, n = len(rows) - 1, rows[0].numel()
     k = max(1, int(plan.density * n))
     fast = use_compiled()
-    if fast and known is not None:
-        merged = _merge_known(rows, weights, plan, out, check, known, k)
+    if fast and known is not None and any(trim is not None for trim in known):
+        merged = _merge_known(rows, weights, plan, out, check, known, k, learn)
         if merged is not None:
             return merged
     lo, hi = _brackets(rows, k, fast)
     if fast:
         gram, base_sq, above, bands = _compiled().first_pass(rows, lo, hi)
-
-        def magnitudes(t: int, begin: int, end: int) -> torch.Tensor:
-            return torch.sub(rows[t + 1][begin:end], rows[0][begin:end]).abs_()
+        magnitudes = _magnitudes_of(rows)
     else:
         stacked = inputs if isinstance(inputs, torch.Tensor) else torch.stack(rows)
         gram, base_sq, above, bands = _first_pass(stacked, lo, hi)
@@ -90,14 +89,14 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
         def magnitudes(t: int, begin: int, end: int) -> torch.Tensor:
             return stacked[t + 1, begin:end].abs()
     check(gram, base_sq)
-    thresholds, cuts = torch.empty(count), torch.empty(count, dtype=torch.int64)
-    for t in range(count):
-        thresholds[t], drops = _threshold(lambda begin, end, t=t: magnitudes(t, begin, end), n, k, int(above[t]), bands[t])
-        cuts[t] = int(drops[0]) if drops.numel() else n
-        if not fast:
-            stacked[1 + t, drops] = 0.0  # the torch passes zero the ties beyond k; the compiled ones skip them
+    trims, drops = _trims(magnitudes, n, k, above, bands)
+    if not fast:
+        for t in range(count):
+            stacked[1 + t, drops[t]] = 0.0  # the torch passes zero the ties beyond k; the compiled ones skip them
     if learn is not None:
-        learn([(float(thresholds[t]), int(cuts[t])) for t in range(count)])
+        learn(trims)
+    thresholds = torch.tensor([threshold for threshold, _ in trims], dtype=torch.float32)
+    cuts = torch.tensor([cut for _, cut in trims], dtype=torch.int64)
     # |τ| ≥ threshold ⟺ |τ| − (the float just below it) > 0: a keep-mask from arithmetic alone
     floors = torch.nextafter(thresholds, torch.tensor(-math.inf)).reshape(count, 1)
     if float(floors.min()) < SMALLEST_FLOOR:  # the unfused trim finds the same thresholds, with bool masks
@@ -114,22 +113,55 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
 
 
 def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
-                 check: Callable[[torch.Tensor, float], None], known: list[Trim], k: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """The merge in one pass with remembered trims; None where they do not keep exactly k entries each."""
+                 check: Callable[[torch.Tensor, float], None], known: list[Trim | None], k: int,
+                 learn: Callable[[list[Trim]], None] | None) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The merge in one pass with remembered trims (a fine-tune without one is selected alone first:
+    its first pass reads the base and that fine-tune only); None where they do not keep exactly k
+    entries each."""
     count, n = len(rows) - 1, rows[0].numel()
-    if len(known) != count or not all(0 <= cut <= n for _, cut in known):
+    if len(known) != count:
         return None
-    thresholds = torch.tensor([threshold for threshold, _ in known], dtype=torch.float32)
+    missing = [t for t, trim in enumerate(known) if trim is None]
+    full = list(known)
+    if missing:
+        alone = [rows[0]] + [rows[t + 1] for t in missing]
+        lo, hi = _brackets(alone, k, True)
+        _, _, above, bands = _compiled().first_pass(alone, lo, hi)
+        for t, trim in zip(missing, _trims(_magnitudes_of(alone), n, k, above, bands)[0], strict=True):
+            full[t] = trim
+    trims: list[Trim] = [trim for trim in full if trim is not None]
+    if not all(0 <= cut <= n for _, cut in trims):
+        return None
+    thresholds = torch.tensor([threshold for threshold, _ in trims], dtype=torch.float32)
     floors = torch.nextafter(thresholds, torch.tensor(-math.inf)).reshape(count, 1)
     if not float(floors.min()) >= SMALLEST_FLOOR:  # (NaN too) the unfused trim's range: no shortcut
         return None
     target = torch.empty(n) if out is None else out[:n]
-    kept, gram, base_sq = _compiled().second_pass(rows, floors, torch.tensor([cut for _, cut in known]), weights,
+    kept, gram, base_sq = _compiled().second_pass(rows, floors, torch.tensor([cut for _, cut in trims]), weights,
                                                   plan.scale, plan.normalize, target, diagnostics=True)
     assert gram is not None
     check(gram, base_sq)
-    return (target, gram, base_sq) if all(number == k for number in kept) else None
+    if any(number != k for number in kept):
+        return None
+    if missing and learn is not None:
+        learn(trims)
+    return target, gram, base_sq
+
+
+def _magnitudes_of(rows: Rows) -> Callable[[int, int, int], torch.Tensor]:
+    """|τ_t| of positions begin..end, made from read-only rows."""
+    return lambda t, begin, end: torch.sub(rows[t + 1][begin:end], rows[0][begin:end]).abs_()
+
+
+def _trims(magnitudes: Callable[[int, int, int], torch.Tensor], n: int, k: int, above: list[int] | torch.Tensor,
+           bands: list) -> tuple[list[Trim], list[torch.Tensor]]:
+    """Each fine-tune's exact trim from its first-pass counts, and the positions of its dropped ties."""
+    trims, drops = [], []
+    for t in range(len(bands)):
+        threshold, dropped = _threshold(lambda begin, end, t=t: magnitudes(t, begin, end), n, k, int(above[t]), bands[t])
+        trims.append((float(threshold), int(dropped[0]) if dropped.numel() else n))
+        drops.append(dropped)
+    return trims, drops
 
 
 def use_compiled() -> bool:

@@ -19,6 +19,7 @@ from metamerge.methods.registry import plan_for
 from metamerge.pipeline import preflight
 from metamerge.pipeline.extract import check_task_vectors, extract_together, load_stats
 from metamerge.pipeline.inputs import resolve
+from metamerge.pipeline.merge import remembered_trims
 from metamerge.pipeline.solve import solve
 from metamerge.recipe import Recipe
 
@@ -55,5 +56,6 @@ def merge_into(rec: Recipe, target: Path, existing: str, clock: progress.StageCl
                                    coefficients, plan, target, dtype=rec.merge.dtype, device=rec.merge.device,
                                    shard_size_mb=rec.merge.shard_size_mb, vocab=rec.merge.vocab,
                                    progress=lambda done, total, _name: progress.advance("merge", done, total),
-                                   existing=existing, max_relative_norm=rec.merge.max_relative_norm)
+                                   existing=existing, max_relative_norm=rec.merge.max_relative_norm,
+                                   thresholds=remembered_trims(rec, base, finetunes))
     return DirectMerge(coefficients, report, norms or report.relative_norms())

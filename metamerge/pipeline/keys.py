@@ -16,6 +16,7 @@ from pathlib import Path
 from metamerge import __version__
 from metamerge.engine.coefficients import Coefficients
 from metamerge.engine.taskvectors import STATS_VERSION
+from metamerge.engine.thresholds import VERSION as THRESHOLDS_VERSION
 from metamerge.evaluation.backend import EvalSpec
 from metamerge.methods.plan import MergePlan
 from metamerge.methods.registry import plan_for
@@ -47,6 +48,12 @@ def stats_path(base: ResolvedModel, finetune: ResolvedModel, label: str, plan: M
     sparsify = (plan.sparsify, plan.density, plan.seed, plan.gamma, plan.epsilon) if plan.needs_norms else ("none",)
     key = short_hash(base.fingerprint, finetune.fingerprint, label, sparsify, vocab, CODE_VERSION, STATS_VERSION)
     return Path(workdir) / "stats" / f"{key}.json"
+
+
+def trims_key(base: ResolvedModel, finetune: ResolvedModel, plan: MergePlan, vocab: str) -> str:
+    """The name of a fine-tune's remembered TIES trims (`engine/thresholds.py`): its content, the
+    base's, the density that sets k and how vocabularies are aligned."""
+    return short_hash(base.fingerprint, finetune.fingerprint, plan.density, vocab, CODE_VERSION, THRESHOLDS_VERSION)
 
 
 def merged_dir(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel], coefficients: Coefficients) -> Path:

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from metamerge.engine.coefficients import Coefficients
 from metamerge.engine.merge import MergeReport, merge_checkpoints
+from metamerge.engine.thresholds import ThresholdCache
 from metamerge.errors import writing
 from metamerge.io import outputs
 from metamerge.io.atomic import write_once
 from metamerge.io.digests import fingerprint_dir
 from metamerge.methods.registry import plan_for
 from metamerge.pipeline.inputs import digest_cache, shared_store
-from metamerge.pipeline.keys import merge_report_path, merged_dir
+from metamerge.pipeline.keys import merge_report_path, merged_dir, trims_key
 from metamerge.pipeline.preflight import check_disk, merge_disk_needs
 from metamerge.recipe import Recipe
 from metamerge.refs import ResolvedModel
@@ -61,10 +62,19 @@ def merge(
             base.path, [(ft.label, f.path) for ft, f in zip(recipe.finetunes, finetunes, strict=True)],
             coefficients, plan, out_dir, dtype=recipe.merge.dtype, device=recipe.merge.device,
             shard_size_mb=recipe.merge.shard_size_mb, vocab=recipe.merge.vocab, progress=progress, existing="keep",
+            thresholds=remembered_trims(recipe, base, finetunes),
         )
         with writing(report_file):
             report = write_once(report_file, result.to_dict())
     return MergeOutput(str(out_dir), fingerprint_dir(out_dir, digest_cache(workdir)), report)
+
+
+def remembered_trims(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel]) -> ThresholdCache | None:
+    """TIES-style trims, remembered per fine-tune in the workdir: a nightly merge selects only for new ones."""
+    plan = plan_for(recipe.method)
+    if plan.sparsify != "magnitude":
+        return None
+    return ThresholdCache(Path(recipe.workdir) / "trims", [trims_key(base, f, plan, recipe.merge.vocab) for f in finetunes])
 
 
 def merge_available(recipe: Recipe, base: ResolvedModel, finetunes: list[ResolvedModel],
