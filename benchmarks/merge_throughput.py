@@ -8,6 +8,9 @@ Builds a base and 3 fine-tunes (default: hidden 768, 12 layers, vocab 32000, fp3
     same size (the least any merge must do);
   * ours_s per method: the streaming engine, in-process (floor and methods measured in
     interleaved rounds; runs_s keeps every repeat);
+  * TIES with remembered trims (engine/thresholds.py): "ties_remembered", every fine-tune's
+    trims known (a nightly re-merge), and "ties_new_finetune", the last fine-tune's not (a new
+    fine-tune joined: only the base and it are read for its count);
   * peak RSS of a merge (child process) at two depths, to show it does not grow with layers.
 Results go to benchmarks/results/merge_throughput.json.
 """
@@ -143,7 +146,10 @@ def io_read(inputs: list[Path]) -> float:
     return time.perf_counter() - started
 
 
-def ours(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path, device: str = "cpu") -> float:
+def ours(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path, device: str = "cpu",
+         remembered: str = "none") -> float:
+    """Seconds of one in-process merge. `remembered`: TIES trims from earlier merges, "all" or
+    "all_but_last" (that fine-tune's file is removed first), "none"."""
     from metamerge.pipeline.extract import extract_together
     from metamerge.pipeline.inputs import resolve
     from metamerge.pipeline.solve import solve
@@ -161,10 +167,19 @@ def ours(base: Path, fts: list[Path], method: str, out_dir: Path, work: Path, de
     shutil.rmtree(out_dir, ignore_errors=True)  # each repeat merges afresh (metamerge never overwrites)
     rb = resolve(str(base), work / "wd")
     rfs = [resolve(str(p), work / "wd") for p in fts]
+    thresholds = None
+    if remembered != "none":
+        from metamerge.engine.thresholds import ThresholdCache
+
+        keys = [f"bench-{p.name}" for p in fts]
+        if remembered == "all_but_last":
+            (work / "wd" / "trims" / f"{keys[-1]}.json").unlink(missing_ok=True)
+        thresholds = ThresholdCache(work / "wd" / "trims", keys)
     started = time.perf_counter()
     stats = extract_together(rb, rfs, [f.path.name for f in rfs], plan, "base", work / "wd") if plan.needs_norms else []
     coefficients = solve([p.name for p in fts], stats, plan, method)
-    merge_checkpoints(base, [(p.name, p) for p in fts], coefficients, plan, out_dir, device=device, shard_size_mb=1000)
+    merge_checkpoints(base, [(p.name, p) for p in fts], coefficients, plan, out_dir, device=device, shard_size_mb=1000,
+                      thresholds=thresholds)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
@@ -226,7 +241,8 @@ def ours_process(base: Path, fts: list[Path], method: str, out_dir: Path, work: 
               "merge": {"device": "cpu", "shard_size_mb": 1000}, "workdir": str(work / "wd-process")}
     path = work / f"ours-{method}.yml"
     path.write_text(yaml.safe_dump(recipe))
-    shutil.rmtree(work / "wd-process" / "stats", ignore_errors=True)
+    for cached in ("stats", "trims"):  # cold every repeat: against mergekit, TIES selects
+        shutil.rmtree(work / "wd-process" / cached, ignore_errors=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     exe = Path(sys.executable).parent / "metamerge"
     return run_process([str(exe), "merge", str(path), "--out", str(out_dir)])
@@ -277,14 +293,24 @@ def main() -> None:
     # (on a VM, back-to-back repeats of one merge alternate by up to 0.3 s; the first method measured
     # after the floor's writes had been the slow one); every repeat is kept, the best one is quoted
     methods = args.methods.split(",")
-    runs: dict[str, list[float]] = {"io_floor": [], **{m: [] for m in methods}}
+    variants = {m: (m, "none") for m in methods}
+    if "ties" in methods:
+        variants.update(ties_remembered=("ties", "all"), ties_new_finetune=("ties", "all_but_last"))
+        shutil.rmtree(args.work / "wd" / "trims", ignore_errors=True)
+        ours(base, fts, "ties", out / "ties", args.work, remembered="all")  # the night before: learns every trim
+        shutil.rmtree(out / "ties", ignore_errors=True)
+    runs: dict[str, list[float]] = {"io_floor": [], **{name: [] for name in variants}}
     for _ in range(args.repeats):
         runs["io_floor"].append(io_floor([base, *fts], out))
-        for method in methods:
-            runs[method].append(ours(base, fts, method, out / method, args.work))
-            shutil.rmtree(out / method, ignore_errors=True)
+        for name, (method, remembered) in variants.items():
+            runs[name].append(ours(base, fts, method, out / name, args.work, remembered=remembered))
+            shutil.rmtree(out / name, ignore_errors=True)
     results["io_floor_s"] = min(runs["io_floor"])
-    results["ours_s"] = {m: min(runs[m]) for m in methods}
+    results["ours_s"] = {name: min(runs[name]) for name in variants}
+    if "ties" in methods and "task_arithmetic" in methods:
+        results["ties_ratio_to_task_arithmetic"] = {
+            name: round(results["ours_s"][name] / results["ours_s"]["task_arithmetic"], 3)
+            for name in ("ties", "ties_remembered", "ties_new_finetune")}
     results["runs_s"] = {name: [round(t, 3) for t in times] for name, times in runs.items()}
     results["ratio_to_io_floor"] = {m: round(s / results["io_floor_s"], 3) for m, s in results["ours_s"].items()}
     # MetaGPT must read the inputs twice (norm pass, merge pass) and write once: its own floor

@@ -2,7 +2,7 @@
 
 Torch's eager CPU ops make a temporary and a sweep per step, and TIES needs about twenty
 steps per entry (difference, magnitude, bracket tests, trim, election, agreement, sums), so
-the blocked torch passes (`ties._first_pass`, `ties._second_pass`) take several times as
+the blocked torch passes (`ties_torch.first_pass`, `second_pass`) take several times as
 long as reading the inputs. Here each block of entries is read once per pass and every step
 stays in registers. The loops are written without branches on the data (selects only) so
 LLVM vectorizes them, and without reassociation of float sums (numba's default strict IEEE
