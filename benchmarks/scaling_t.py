@@ -6,10 +6,11 @@ On the benchmark family (benchmarks/merge_throughput.py) with 16 fine-tunes, for
   * io_floor_s: read base + T fine-tunes once and write one model (the least any merge does);
   * task_arithmetic_s / metagpt_s: our merge in-process (MetaGPT with its norm pass), best of N;
   * peak_rss_mb: a task-arithmetic merge in a child process (VmHWM);
-  * rss_bound_mb: the documented bound R0 + 2·(T+2)·chunk + 2·stack: two alternating
+  * rss_bound_mb: the documented bound R0 + 2·(T+2)·chunk + T·block + 2·stack: two alternating
     workspaces of T+1 input rows and one result row, chunk = 32 MB of float32
-    (metamerge.engine.checkpoint.CHUNK_ELEMENTS), the reader's and the writer's thread stacks
-    (8 MB each, Linux's default), and R0 the process's RSS before merging.
+    (metamerge.engine.checkpoint.CHUNK_ELEMENTS), the linear kernel's τ scratch of T rows of
+    one block (streaming.LINEAR_BLOCK floats, 0.25 MB each), the reader's and the writer's
+    thread stacks (8 MB each, Linux's default), and R0 the process's RSS before merging.
 Results: benchmarks/results/scaling_t.json and the plot benchmarks/results/scaling_t.png.
 """
 
@@ -35,9 +36,11 @@ from benchmarks.merge_throughput import (  # noqa: E402
     ours,
     write_model,
 )
+from metamerge.engine.streaming import LINEAR_BLOCK  # noqa: E402
 
 CHUNK_MB = (1 << 23) * 4 / 2**20
 THREAD_STACK_MB = 8.0
+BLOCK_MB = LINEAR_BLOCK * 4 / 2**20  # one row of the linear kernel's τ scratch
 
 
 def build(work: Path, dims: dict, count: int) -> tuple[Path, list[Path]]:
@@ -91,7 +94,7 @@ def plot(rows: list[dict], path: Path) -> None:
     lines = {left: [("io_floor_s", "k--o", "I/O floor"), ("task_arithmetic_s", "-o", "task arithmetic"),
                     ("metagpt_s", "-o", "MetaGPT (norm pass + merge)")],
              right: [("peak_rss_mb", "-o", "peak RSS (task arithmetic)"),
-                     ("rss_bound_mb", "k--", "bound R0 + 2(T+2)·32 MB + 2 stacks")]}
+                     ("rss_bound_mb", "k--", "bound R0 + 2(T+2)·32 MB + T·0.25 MB + 2 stacks")]}
     titles = {left: ("seconds", "time: linear in T"), right: ("MB", "memory: O(T × chunk), not O(T × model)")}
     for axis, series in lines.items():
         for key, style, label in series:
@@ -131,7 +134,7 @@ def main() -> None:
             row[f"{method}_s"] = round(min(times), 3)
         before, peak = peak_rss(base, fts, out / "rss", args.work)
         row["rss_before_mb"], row["peak_rss_mb"] = round(before, 1), round(peak, 1)
-        row["rss_bound_mb"] = round(before + 2 * (count + 2) * CHUNK_MB + 2 * THREAD_STACK_MB, 1)
+        row["rss_bound_mb"] = round(before + 2 * (count + 2) * CHUNK_MB + count * BLOCK_MB + 2 * THREAD_STACK_MB, 1)
         row["task_arithmetic_per_ft_s"] = round(row["task_arithmetic_s"] / count, 3)
         row.update(derived(row))
         rows.append(row)
