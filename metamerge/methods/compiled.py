@@ -7,8 +7,9 @@ long as reading the inputs. Here each block of entries is read once per pass and
 stays in registers. The loops are written without branches on the data (selects only) so
 LLVM vectorizes them, and without reassociation of float sums (numba's default strict IEEE
 mode), so the merged floats are those of the torch kernels on every CPU, bit for bit (tested).
-Only the diagnostics (gram, ‖θ₀‖², float32 runs summed in float64) may reassociate: they are reported, never merged. The
-inputs are only read (they may be mapped files): τ = θ_t − θ₀ is made where it is used.
+Only the diagnostics (gram, ‖θ₀‖²: float32 runs summed in float64) may reassociate: they are
+reported, never merged. The inputs are only read (they may be mapped files): τ = θ_t − θ₀ is
+made where it is used.
 
 `AVAILABLE` is False when numba cannot be imported: TIES then runs on the torch passes, which
 give the same floats. Like torch's own OpenMP threads, numba's do not survive fork(): a
