@@ -427,7 +427,7 @@ def test_the_norm_of_a_difference_is_the_norm_of_the_written_difference(n):
 _NORMS_SCRIPT = """
 import math, random, sys
 import torch
-from metamerge.methods.norms import sq_norm, sq_norm_of_difference
+from metamerge.methods.norms import sq_norm, sq_norm_of_difference, sq_norms_of_differences
 torch.set_num_threads(int(sys.argv[1]))
 rnd = random.Random(7)
 values = []
@@ -438,6 +438,11 @@ for n in (1, 255, 256, 65_536, 65_537, 400_001):
     values += [sq_norm(x), sq_norm_of_difference(y, x)]
     exact = math.fsum(v * v for v in (y - x).double().tolist())  # the difference is made in float32
     assert abs(values[-1] - exact) <= 1e-12 * exact, (n, values[-1], exact)
+    # several fine-tunes at once share the block scratch and its ops: each the float of its own difference
+    others = [y, 2 * y - x, x + 0.5]
+    together = sq_norms_of_differences(others, x)
+    assert together == [sq_norm(other - x) for other in others], n
+    values += together
 print(" ".join(v.hex() for v in values))
 """
 

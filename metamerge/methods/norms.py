@@ -70,19 +70,29 @@ def sq_norms_of_differences(thetas: list[torch.Tensor], theta0: torch.Tensor) ->
     """[`sq_norm_of_difference(θ, theta0)` for θ in thetas], each the same float, reading theta0 once.
 
     Block by block across all fine-tunes: a base block is fetched from memory once and stays
-    in cache while every fine-tune's difference is formed against it.
+    in cache while every fine-tune's difference is formed against it. The squares and column
+    sums of all fine-tunes are one op each on a [T, block] scratch: the same floats as one
+    fine-tune at a time (a column's rows are summed alike whatever the leading dimension,
+    checked under three vector widths), with 4 + T torch calls per block instead of 5·T.
     """
     b = theta0.reshape(-1)
     flats = [theta.reshape(-1) for theta in thetas]
-    wide = _scratch(b.device)  # one scratch block for all: each add() finishes with it
-    sums = [_SquareSums(wide) for _ in flats]
-    narrow = torch.empty(min(BLOCK, b.numel()), dtype=b.dtype, device=b.device)
+    count_t, width = len(flats), min(BLOCK, b.numel())
+    narrow = torch.empty((count_t, width), dtype=b.dtype, device=b.device)
+    wide = torch.empty((count_t, -(-width // COLUMNS) * COLUMNS), dtype=torch.float64, device=b.device)
+    columns = torch.zeros((count_t, COLUMNS), dtype=torch.float64, device=b.device)
     for start in range(0, b.numel(), BLOCK):
         count = min(BLOCK, b.numel() - start)
+        padded = -(-count // COLUMNS) * COLUMNS
         base_block = b[start : start + count]
-        for a, square_sums in zip(flats, sums, strict=True):
-            square_sums.add(torch.sub(a[start : start + count], base_block, out=narrow[:count]))
-    return [square_sums.total() for square_sums in sums]
+        for row, a in zip(narrow, flats, strict=True):
+            torch.sub(a[start : start + count], base_block, out=row[:count])
+        block = wide[:, :padded]
+        block[:, :count].copy_(narrow[:, :count])
+        block[:, count:].zero_()
+        block.mul_(block)
+        columns.add_(block.view(count_t, -1, COLUMNS).sum(dim=1))
+    return [math.fsum(row.tolist()) for row in columns]
 
 
 def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0,
