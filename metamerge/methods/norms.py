@@ -29,36 +29,37 @@ COLUMNS = 256
 
 
 class _SquareSums:
-    """Accumulates Σ x² of float32 blocks into 256 float64 column sums; `wide` is scratch it may share."""
+    """Σ x² of float32 blocks of T rows into [T, 256] float64 column sums, one op per step for all rows.
 
-    def __init__(self, wide: torch.Tensor):
-        self.columns = torch.zeros(COLUMNS, dtype=torch.float64, device=wide.device)
-        self.wide = wide
+    A [T, rows, 256] view's sum over rows gives each row's column sums bit for bit as a
+    [rows, 256] view of that row alone (checked under default, AVX2 and native kernels), so
+    one fine-tune or several give the same floats.
+    """
+
+    def __init__(self, count: int, width: int, device: torch.device):
+        self.columns = torch.zeros((count, COLUMNS), dtype=torch.float64, device=device)
+        self.wide = torch.empty((count, -(-width // COLUMNS) * COLUMNS), dtype=torch.float64, device=device)
 
     def add(self, block: torch.Tensor) -> None:
-        count = block.numel()
-        padded = -(-count // COLUMNS) * COLUMNS
-        wide = self.wide[:padded]
-        wide[:count].copy_(block)
-        wide[count:].zero_()
+        """`block`: [T, count] float32, count ≤ width; zero-padded to whole rows of 256."""
+        count = block.shape[1]
+        wide = self.wide[:, : -(-count // COLUMNS) * COLUMNS]
+        wide[:, :count].copy_(block)
+        wide[:, count:].zero_()
         wide.mul_(wide)
-        self.columns.add_(wide.view(-1, COLUMNS).sum(dim=0))
+        self.columns.add_(wide.view(wide.shape[0], -1, COLUMNS).sum(dim=1))
 
-    def total(self) -> float:
-        return math.fsum(self.columns.tolist())
-
-
-def _scratch(device: torch.device) -> torch.Tensor:
-    return torch.empty(BLOCK, dtype=torch.float64, device=device)
+    def totals(self) -> list[float]:
+        return [math.fsum(row.tolist()) for row in self.columns]
 
 
 def sq_norm(tau: torch.Tensor) -> float:
     """‖τ‖², the same float on any machine (see the module note)."""
     flat = tau.reshape(-1)
-    sums = _SquareSums(_scratch(flat.device))
+    sums = _SquareSums(1, min(BLOCK, flat.numel()), flat.device)
     for start in range(0, flat.numel(), BLOCK):
-        sums.add(flat[start : start + BLOCK])
-    return sums.total()
+        sums.add(flat[start : start + BLOCK].unsqueeze(0))
+    return sums.totals()[0]
 
 
 def sq_norm_of_difference(theta: torch.Tensor, theta0: torch.Tensor) -> float:
@@ -70,29 +71,21 @@ def sq_norms_of_differences(thetas: list[torch.Tensor], theta0: torch.Tensor) ->
     """[`sq_norm_of_difference(θ, theta0)` for θ in thetas], each the same float, reading theta0 once.
 
     Block by block across all fine-tunes: a base block is fetched from memory once and stays
-    in cache while every fine-tune's difference is formed against it. The squares and column
-    sums of all fine-tunes are one op each on a [T, block] scratch: the same floats as one
-    fine-tune at a time (a column's rows are summed alike whatever the leading dimension,
-    checked under three vector widths), with 4 + T torch calls per block instead of 5·T.
+    in cache while every fine-tune's difference is formed against it; the squares and column
+    sums of all of them are then one op each (4 + T torch calls per block instead of 5·T).
     """
     b = theta0.reshape(-1)
     flats = [theta.reshape(-1) for theta in thetas]
-    count_t, width = len(flats), min(BLOCK, b.numel())
-    narrow = torch.empty((count_t, width), dtype=b.dtype, device=b.device)
-    wide = torch.empty((count_t, -(-width // COLUMNS) * COLUMNS), dtype=torch.float64, device=b.device)
-    columns = torch.zeros((count_t, COLUMNS), dtype=torch.float64, device=b.device)
+    width = min(BLOCK, b.numel())
+    narrow = torch.empty((len(flats), width), dtype=b.dtype, device=b.device)
+    sums = _SquareSums(len(flats), width, b.device)
     for start in range(0, b.numel(), BLOCK):
         count = min(BLOCK, b.numel() - start)
-        padded = -(-count // COLUMNS) * COLUMNS
         base_block = b[start : start + count]
         for row, a in zip(narrow, flats, strict=True):
             torch.sub(a[start : start + count], base_block, out=row[:count])
-        block = wide[:, :padded]
-        block[:, :count].copy_(narrow[:, :count])
-        block[:, count:].zero_()
-        block.mul_(block)
-        columns.add_(block.view(count_t, -1, COLUMNS).sum(dim=1))
-    return [math.fsum(row.tolist()) for row in columns]
+        sums.add(narrow[:, :count])
+    return sums.totals()
 
 
 def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0,

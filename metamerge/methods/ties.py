@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from metamerge.methods.compiled import Bands
 
 
-
-
 def fused(plan: MergePlan, n: int, device: torch.device) -> bool:
     """Whether `ties_piece` applies: TIES' trim and election on a large CPU tensor, no spectral step."""
     return (plan.sparsify == "magnitude" and plan.consensus == "ties" and plan.spectral == "none"
@@ -94,10 +92,7 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
             stacked[1 + t, drops[t]] = 0.0  # the torch passes zero the ties beyond k; the compiled ones skip them
     if learn is not None:
         learn(trims)
-    thresholds = torch.tensor([threshold for threshold, _ in trims], dtype=torch.float32)
-    cuts = torch.tensor([cut for _, cut in trims], dtype=torch.int64)
-    # |τ| ≥ threshold ⟺ |τ| − (the float just below it) > 0: a keep-mask from arithmetic alone
-    floors = torch.nextafter(thresholds, torch.tensor(-math.inf)).reshape(count, 1)
+    floors, cuts = _floors_and_cuts(trims)
     if float(floors.min()) < SMALLEST_FLOOR:  # the unfused trim finds the same thresholds, with bool masks
         taus = torch.stack(rows[1:]).sub_(rows[0]) if fast else stacked[1:]
         for t in range(count):
@@ -131,13 +126,12 @@ def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.
     trims: list[Trim] = [trim for trim in full if trim is not None]
     if not all(0 <= cut <= n for _, cut in trims):
         return None
-    thresholds = torch.tensor([threshold for threshold, _ in trims], dtype=torch.float32)
-    floors = torch.nextafter(thresholds, torch.tensor(-math.inf)).reshape(count, 1)
+    floors, cuts = _floors_and_cuts(trims)
     if not float(floors.min()) >= SMALLEST_FLOOR:  # (NaN too) the unfused trim's range: no shortcut
         return None
     target = torch.empty(n) if out is None else out[:n]
-    kept, gram, base_sq = _compiled().second_pass(rows, floors, torch.tensor([cut for _, cut in trims]), weights,
-                                                  plan.scale, plan.normalize, target, diagnostics=True)
+    kept, gram, base_sq = _compiled().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target,
+                                                  diagnostics=True)
     assert gram is not None
     check(gram, base_sq)
     if any(number != k for number in kept):
@@ -145,6 +139,14 @@ def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.
     if missing and learn is not None:
         learn(trims)
     return target, gram, base_sq
+
+
+def _floors_and_cuts(trims: list[Trim]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 1] floors and [T] cuts of the passes. |τ| ≥ threshold ⟺ |τ| − (the float just below it)
+    > 0: a keep-mask from arithmetic alone."""
+    thresholds = torch.tensor([threshold for threshold, _ in trims], dtype=torch.float32)
+    floors = torch.nextafter(thresholds, torch.tensor(-math.inf)).reshape(len(trims), 1)
+    return floors, torch.tensor([cut for _, cut in trims], dtype=torch.int64)
 
 
 def _magnitudes_of(rows: Rows) -> Callable[[int, int, int], torch.Tensor]:
