@@ -1,5 +1,6 @@
 """Every method, through the streaming engine, against dense references written from the formulas."""
 
+import math
 import os
 
 import numpy as np
@@ -425,24 +426,33 @@ def test_the_norm_of_a_difference_is_the_norm_of_the_written_difference(n):
 
 
 _NORMS_SCRIPT = """
-import math, random, sys
+import math, os, random, sys
 import torch
 from metamerge.methods.norms import sq_norm, sq_norm_of_difference, sq_norms_of_differences
 torch.set_num_threads(int(sys.argv[1]))
 rnd = random.Random(7)
-values = []
+cases = []
 for n in (1, 255, 256, 65_536, 65_537, 400_001):
     # inputs from Python's generator: torch.randn itself differs between vector widths
     x = torch.tensor([rnd.gauss(0.0, 1.0) for _ in range(n)])
-    y = x + torch.tensor([rnd.gauss(0.0, 1e-3) for _ in range(n)])
-    values += [sq_norm(x), sq_norm_of_difference(y, x)]
-    exact = math.fsum(v * v for v in (y - x).double().tolist())  # the difference is made in float32
-    assert abs(values[-1] - exact) <= 1e-12 * exact, (n, values[-1], exact)
-    # several fine-tunes at once share the block scratch and its ops: each the float of its own difference
-    others = [y, 2 * y - x, x + 0.5]
-    together = sq_norms_of_differences(others, x)
-    assert together == [sq_norm(other - x) for other in others], n
-    values += together
+    cases.append((x, x + torch.tensor([rnd.gauss(0.0, 1e-3) for _ in range(n)])))
+
+def norms():
+    values = []
+    for x, y in cases:
+        values += [sq_norm(x), sq_norm_of_difference(y, x)]
+        exact = math.fsum(v * v for v in (y - x).double().tolist())  # the difference is made in float32
+        assert abs(values[-1] - exact) <= 1e-12 * exact, (len(x), values[-1], exact)
+        # several fine-tunes at once share each base block: each the float of its own difference
+        others = [y, 2 * y - x, x + 0.5]
+        together = sq_norms_of_differences(others, x)
+        assert together == [sq_norm(other - x) for other in others], len(x)
+        values += together
+    return values
+
+values = norms()
+os.environ["METAMERGE_COMPILED"] = "0"  # the torch fallback: the same floats
+assert norms() == values
 print(" ".join(v.hex() for v in values))
 """
 
@@ -450,23 +460,71 @@ print(" ".join(v.hex() for v in values))
 def test_norms_are_the_same_float_on_any_core_count_and_vector_width():
     """λ decides merged bytes: a 2-core AVX2 worker and a 16-core AVX-512 one must compute the same ‖τ‖².
 
-    Each configuration runs in its own process (the kernel family is chosen at start-up); the
+    Each configuration runs in its own process (torch's kernel family and numba's target are
+    chosen at start-up; numba's thread count follows torch's); the
     floats must be bit-equal, and close to a correctly rounded reference (checked in the script).
     """
     import subprocess
     import sys
 
     prints = set()
-    for capability in ("default", "avx2", None):
-        for threads in (1, 2, 4):
-            env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-            if capability:
-                env["ATEN_CPU_CAPABILITY"] = capability
-            done = subprocess.run([sys.executable, "-c", _NORMS_SCRIPT, str(threads)], env=env, capture_output=True,
-                                  text=True, timeout=300)
-            assert done.returncode == 0, done.stderr
-            prints.add(done.stdout.strip())
+    runs = [(capability, None, threads) for capability in ("default", "avx2", None) for threads in (1, 2, 4)]
+    runs += [(None, cpu, 2) for cpu in ("x86-64", "haswell")]  # the compiled sums for SSE2 only, AVX2 + FMA
+    for capability, cpu, threads in runs:
+        env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "METAMERGE_COMPILED")}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        if cpu:
+            env["NUMBA_CPU_NAME"] = cpu
+        done = subprocess.run([sys.executable, "-c", _NORMS_SCRIPT, str(threads)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        prints.add(done.stdout.strip())
     assert len(prints) == 1, prints
+
+
+def _sequential_column_norm(x: np.ndarray) -> float:
+    """The norm order spelled out in numpy, one row at a time: the independent reference."""
+    total = np.zeros(256)
+    for start in range(0, x.size, 65_536):
+        block = x[start : start + 65_536].astype(np.float64)
+        rows = np.zeros(-(-block.size // 256) * 256)
+        rows[: block.size] = block * block
+        column = np.zeros(256)
+        for row in rows.reshape(-1, 256):
+            column = column + row
+        total = total + column
+    return math.fsum(total.tolist())
+
+
+@pytest.mark.parametrize("n", [1, 255, 257, 65_536, 3 * 65_536 + 300])
+def test_compiled_and_torch_norms_are_the_sequential_column_sums(n, monkeypatch):
+    """The compiled sums, the torch fallback and a row-by-row numpy loop: the same floats, bit for bit.
+
+    Magnitudes spread over many octaves, so a sum in any other order (torch's own column sum
+    cascades) differs in the last bits: this test fails if either implementation reorders.
+    """
+    from metamerge.methods import norms
+
+    pytest.importorskip("numba")
+    monkeypatch.setenv("METAMERGE_COMPILED", "1")
+
+    gen = torch.Generator().manual_seed(n)
+    theta0 = torch.randn(n, generator=gen) * torch.exp(4 * torch.randn(n, generator=gen))
+    thetas = [theta0 + torch.randn(n, generator=gen) * torch.exp(3 * torch.randn(n, generator=gen)) for _ in range(3)]
+    want = [_sequential_column_norm(theta0.numpy())] + [_sequential_column_norm((t - theta0).numpy()) for t in thetas]
+    compiled = [norms.sq_norm(theta0), *norms.sq_norms_of_differences(thetas, theta0)]
+    assert norms.base_and_difference_sq_norms(thetas, theta0) == (compiled[0], compiled[1:])
+    monkeypatch.setenv("METAMERGE_COMPILED", "0")
+    fallback = [norms.sq_norm(theta0), *norms.sq_norms_of_differences(thetas, theta0)]
+    assert fallback == want
+    assert compiled == want
+    if n > 65_536:  # the data tells orders apart: torch's own column sum of a block is not the sequential one
+        block = ((thetas[0] - theta0)[:65_536].double() ** 2).view(256, 256)
+        sequential = np.zeros(256)
+        for row in block.numpy():
+            sequential = sequential + row
+        assert not np.array_equal(block.sum(dim=0).numpy(), sequential)
 
 
 @pytest.mark.parametrize("n", [70_000, 1_300_000])

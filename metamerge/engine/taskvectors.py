@@ -25,10 +25,10 @@ from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.errors import CheckpointError
 from metamerge.io.ranged import RemoteModel
 from metamerge.methods.kernels import chunked
-from metamerge.methods.norms import one_thread, sq_norm, sq_norm_after_sparsify, sq_norms_of_differences
+from metamerge.methods.norms import base_and_difference_sq_norms, one_thread, sq_norm, sq_norm_after_sparsify
 from metamerge.methods.plan import MergePlan
 
-STATS_VERSION = 4  # 2: ‖θ₀‖², raw ‖τ‖², dropped vocabulary rows; 3: 64 K float64 blocks; 4: machine-independent sums
+STATS_VERSION = 5  # 2: ‖θ₀‖², raw ‖τ‖², dropped rows; 3: 64 K blocks; 4: machine-independent; 5: sequential columns
 
 
 @dataclass(frozen=True)
@@ -178,10 +178,12 @@ def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]],
                 for rows in pieces[name]:
                     theta0 = thetas = None  # the last piece goes first: read_ahead unmaps it on its thread
                     theta0, *thetas = next(loaded)
-                    base_sq += float(torch.dot(theta0, theta0))
                     if plan.sparsify == "none":  # τ is never written: one read of each piece, in cache
-                        values = [v + d for v, d in zip(values, sq_norms_of_differences(thetas, theta0), strict=True)]
+                        piece_base_sq, differences = base_and_difference_sq_norms(thetas, theta0)
+                        base_sq += piece_base_sq
+                        values = [v + d for v, d in zip(values, differences, strict=True)]
                         continue
+                    base_sq += sq_norm(theta0)
                     for i, (ft, theta) in enumerate(zip(sums, thetas, strict=True)):
                         tau = theta.sub_(theta0)
                         raws[i] += float(torch.dot(tau, tau))

@@ -36,10 +36,10 @@ BAND_CAPACITY = BLOCK // 8  # in-bracket |τ| a block keeps from its first pass 
 
 # numba's fallback threading layer ("workqueue", where libgomp is missing) aborts the process when
 # two threads launch parallel loops at once; merges in one process (Prefect's thread pool) take turns.
-_LAUNCH = threading.Lock()
+LAUNCH = threading.Lock()
 
 
-def _jit(**options):
+def jit(**options):
     """njit, cached on disk where numba finds a writable place (else compiled once per process)."""
     def wrap(function):
         try:
@@ -50,7 +50,7 @@ def _jit(**options):
 
 
 if AVAILABLE:
-    @_jit(boundscheck=False, fastmath={"reassoc"})
+    @jit(boundscheck=False, fastmath={"reassoc"})
     def _dot(x, y):  # pragma: no cover - compiled
         """Σ x·y in float32 runs of 1024, vectorized (reassociated), summed in float64: diagnostics only."""
         total = 0.0
@@ -62,7 +62,7 @@ if AVAILABLE:
             total += part
         return total
 
-    @_jit(parallel=True, boundscheck=False)
+    @jit(parallel=True, boundscheck=False)
     def _first_pass(rows, n, lo, hi, above, inside, gram, base_sq, scratch):  # pragma: no cover - compiled
         """Per block and fine-tune, while the block is in cache: |τ| > hi counted, lo ≤ |τ| ≤ hi
         counted and copied in position order into the block's `scratch` row (as far as it holds);
@@ -100,7 +100,7 @@ if AVAILABLE:
                 for y in range(x, count):
                     gram[b, x, y] = gram[b, y, x] = _dot(taus[x], taus[y])
 
-    @_jit(parallel=True, boundscheck=False)
+    @jit(parallel=True, boundscheck=False)
     def _sample(rows, positions, out):  # pragma: no cover - compiled
         """out[t, j] = |θ_t − θ₀| at positions[j] (increasing): the brackets' sample, gathered on every core."""
         count = len(rows) - 1
@@ -114,7 +114,7 @@ if AVAILABLE:
                 position = positions[j]
                 out[t, j] = abs(row[position] - base[position])
 
-    @_jit(parallel=True, boundscheck=False)
+    @jit(parallel=True, boundscheck=False)
     def _gather_band(rows, n, lo, hi, offsets, band):  # pragma: no cover - compiled
         """Writes each block's lo ≤ |τ| ≤ hi, in position order, at its offset in `band`."""
         count = len(rows) - 1
@@ -133,7 +133,7 @@ if AVAILABLE:
                         band[at] = magnitude
                         at += 1
 
-    @_jit(parallel=True, boundscheck=False)
+    @jit(parallel=True, boundscheck=False)
     def _second_pass(rows, n, floors, cuts, weights, scale, normalize, out, kept_count, diagnostics, gram,
                      base_sq):  # pragma: no cover - compiled
         """Trim (keep |τ| > floor, except ties with the threshold from position `cut` on), elect
@@ -199,7 +199,7 @@ if AVAILABLE:
                         gram[b, x, y] = gram[b, y, x] = _dot(kept[x], kept[y])
 
 
-def _launch() -> None:
+def launch_threads() -> None:
     """Before a kernel: as many threads as torch uses (the merge's choice)."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
@@ -222,15 +222,15 @@ def first_pass(rows: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor
     """The gram (float64), ‖θ₀‖², and per fine-tune: |τ| above hi, and the band lo ≤ |τ| ≤ hi."""
     count, n = len(rows) - 1, rows[0].numel()
     blocks = (n + BLOCK - 1) // BLOCK
-    arrays = _arrays(rows)
+    arrays = as_arrays(rows)
     low, high = lo.reshape(-1).numpy(), hi.reshape(-1).numpy()
     above = np.zeros((blocks, count), np.int64)
     inside = np.zeros((blocks, count), np.int64)
     gram = np.zeros((blocks, count, count))
     base_sq = np.zeros(blocks)
     scratch = np.empty((blocks, count, BAND_CAPACITY + 1), np.float32)
-    with _LAUNCH:
-        _launch()
+    with LAUNCH:
+        launch_threads()
         _first_pass(arrays, n, low, high, above, inside, gram, base_sq, scratch)
         ends = np.cumsum(inside, axis=0)  # per fine-tune, where each block's band ends
         overflowed = [t for t in range(count) if bool((inside[:, t] > BAND_CAPACITY).any())]
@@ -251,9 +251,9 @@ def first_pass(rows: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor
 def sample(rows: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
     """[T, m] |τ| of every fine-tune at `positions` (the brackets' sample)."""
     out = np.empty((len(rows) - 1, positions.numel()), np.float32)
-    with _LAUNCH:
-        _launch()
-        _sample(_arrays(rows), positions.numpy(), out)
+    with LAUNCH:
+        launch_threads()
+        _sample(as_arrays(rows), positions.numpy(), out)
     return torch.from_numpy(out)
 
 
@@ -268,16 +268,16 @@ def second_pass(rows: list[torch.Tensor], floors: torch.Tensor, cuts: torch.Tens
     kept = np.zeros((blocks, count), np.int64)
     gram = np.zeros((blocks, count, count))
     base_sq = np.zeros(blocks)
-    with _LAUNCH:
-        _launch()
-        _second_pass(_arrays(rows), n, floors.reshape(-1).numpy(), cuts.numpy(),
+    with LAUNCH:
+        launch_threads()
+        _second_pass(as_arrays(rows), n, floors.reshape(-1).numpy(), cuts.numpy(),
                      weights.to(torch.float32).reshape(-1).numpy(), np.float32(scale), normalize, out.numpy(),
                      kept, diagnostics, gram, base_sq)
     return kept.sum(axis=0).tolist(), torch.from_numpy(gram.sum(axis=0)) if diagnostics else None, float(base_sq.sum())
 
 
-def _arrays(rows: list[torch.Tensor]) -> tuple[np.ndarray, ...]:
+def as_arrays(rows: list[torch.Tensor]) -> tuple[np.ndarray, ...]:
     """The rows as a tuple of contiguous float32 arrays (numba compiles one kernel per row count)."""
     if any(row.dtype != torch.float32 or not row.is_contiguous() or row.device.type != "cpu" for row in rows):
-        raise ValueError("compiled TIES needs contiguous float32 CPU rows")
+        raise ValueError("the compiled kernels need contiguous float32 CPU rows")
     return tuple(row.numpy() for row in rows)

@@ -1,16 +1,17 @@
 """‖τ‖² that every machine computes to the very same float, whatever its cores or vector width.
 
 MetaGPT's λ_t = ‖τ_t‖² / Σ_k ‖τ_k‖² is the only place where a sum over a whole model decides
-merged bytes. A BLAS dot (or torch's inner-dimension sum) splits its sum by thread count and
-by SIMD width, so the same recipe gave λ differing in the last bits between a 2-core and a
+merged bytes. A BLAS dot (or torch's own sum, which splits a reduction by thread count, SIMD
+width and a cascade of partial sums) gave λ differing in the last bits between a 2-core and a
 16-core worker, or between an AVX2 and an AVX-512 machine, and with it a different merge.
 
-Here each float32 entry is squared exactly in float64 (24-bit mantissas: the square needs
-48 of float64's 53 bits), the squares are summed column-wise over a [rows, 256] view (every
-column accumulates its rows in the same order: SIMD lanes are columns, so lane width changes
-nothing, and torch splits such a sum between threads by columns, never within one, so the
-thread count changes nothing either: tested with 1–4 threads under three vector widths), and
-the 256 column sums meet in `math.fsum` (correctly rounded).
+So the order of the sum is part of the definition. Each float32 entry is squared exactly in
+float64 (24-bit mantissas: the square needs 48 of float64's 53 bits). The entries are taken in
+blocks of 65 536 and each block as 256 rows of 256 columns; each column sums its rows in order,
+from zero (a sequential sum: the block's column sums); the block's column sums are added to the
+running ones in block order; the 256 running sums meet in `math.fsum` (correctly rounded).
+`norm_kernels` computes this in compiled loops; without numba (METAMERGE_COMPILED=0) or for other
+dtypes torch does, with `cumsum`, which is sequential. Both give the same floats on any CPU (tested).
 """
 
 from __future__ import annotations
@@ -19,47 +20,50 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from metamerge.methods.kernels import sparsify_
+from metamerge.methods.native import norm_kernels, use_compiled
 from metamerge.methods.plan import MergePlan
 
-BLOCK = 1 << 16  # entries per step: the float64 copy stays in cache
+BLOCK = 1 << 16  # entries whose column sums start from zero: part of the definition (norm_kernels.BLOCK)
 COLUMNS = 256
 
 
-class _SquareSums:
-    """Σ x² of float32 blocks of T rows into [T, 256] float64 column sums, one op per step for all rows.
+def _torch_column_square_sums(rows: list[torch.Tensor]) -> np.ndarray:
+    """`norm_kernels.column_square_sums` in torch ops, the same floats: the fallback and the reference."""
+    flats = [row.reshape(-1) for row in rows]
+    n = flats[0].numel()
+    width = min(BLOCK, n)
+    wide = torch.zeros((len(flats), -(-width // COLUMNS) * COLUMNS), dtype=torch.float64, device=flats[0].device)
+    columns = torch.zeros((len(flats), COLUMNS), dtype=torch.float64, device=flats[0].device)
+    for start in range(0, n, BLOCK):
+        count = min(BLOCK, n - start)
+        base = flats[0][start : start + count]
+        wide[0, :count].copy_(base)
+        for row, flat in zip(wide[1:], flats[1:], strict=True):
+            row[:count].copy_(flat[start : start + count] - base)  # the difference is made in float32
+        block = wide[:, : -(-count // COLUMNS) * COLUMNS]
+        block[:, count:].zero_()  # a zero adds nothing to a sum of squares
+        block.mul_(block)
+        columns.add_(block.view(len(flats), -1, COLUMNS).cumsum(dim=1)[:, -1])
+    return columns.cpu().numpy()
 
-    A [T, rows, 256] view's sum over rows gives each row's column sums bit for bit as a
-    [rows, 256] view of that row alone (checked under default, AVX2 and native kernels), so
-    one fine-tune or several give the same floats.
-    """
 
-    def __init__(self, count: int, width: int, device: torch.device):
-        self.columns = torch.zeros((count, COLUMNS), dtype=torch.float64, device=device)
-        self.wide = torch.empty((count, -(-width // COLUMNS) * COLUMNS), dtype=torch.float64, device=device)
-
-    def add(self, block: torch.Tensor) -> None:
-        """`block`: [T, count] float32, count ≤ width; zero-padded to whole rows of 256."""
-        count = block.shape[1]
-        wide = self.wide[:, : -(-count // COLUMNS) * COLUMNS]
-        wide[:, :count].copy_(block)
-        wide[:, count:].zero_()
-        wide.mul_(wide)
-        self.columns.add_(wide.view(wide.shape[0], -1, COLUMNS).sum(dim=1))
-
-    def totals(self) -> list[float]:
-        return [math.fsum(row.tolist()) for row in self.columns]
+def _square_sums(rows: list[torch.Tensor]) -> list[float]:
+    """[Σ rows[0]², Σ (rows[1] − rows[0])², …], each the same float on any machine."""
+    flats = [row.reshape(-1).contiguous() for row in rows]
+    if flats[0].numel() == 0:
+        return [0.0] * len(flats)
+    compiled = use_compiled() and all(flat.dtype == torch.float32 and flat.device.type == "cpu" for flat in flats)
+    columns = norm_kernels().column_square_sums(flats) if compiled else _torch_column_square_sums(flats)
+    return [math.fsum(row) for row in columns.tolist()]
 
 
 def sq_norm(tau: torch.Tensor) -> float:
     """‖τ‖², the same float on any machine (see the module note)."""
-    flat = tau.reshape(-1)
-    sums = _SquareSums(1, min(BLOCK, flat.numel()), flat.device)
-    for start in range(0, flat.numel(), BLOCK):
-        sums.add(flat[start : start + BLOCK].unsqueeze(0))
-    return sums.totals()[0]
+    return _square_sums([tau])[0]
 
 
 def sq_norm_of_difference(theta: torch.Tensor, theta0: torch.Tensor) -> float:
@@ -68,24 +72,18 @@ def sq_norm_of_difference(theta: torch.Tensor, theta0: torch.Tensor) -> float:
 
 
 def sq_norms_of_differences(thetas: list[torch.Tensor], theta0: torch.Tensor) -> list[float]:
-    """[`sq_norm_of_difference(θ, theta0)` for θ in thetas], each the same float, reading theta0 once.
+    """[`sq_norm_of_difference(θ, theta0)` for θ in thetas], each the same float, reading theta0 once."""
+    return base_and_difference_sq_norms(thetas, theta0)[1]
 
-    Block by block across all fine-tunes: a base block is fetched from memory once and stays
-    in cache while every fine-tune's difference is formed against it; the squares and column
-    sums of all of them are then one op each (4 + T torch calls per block instead of 5·T).
+
+def base_and_difference_sq_norms(thetas: list[torch.Tensor], theta0: torch.Tensor) -> tuple[float, list[float]]:
+    """(`sq_norm(theta0)`, `sq_norms_of_differences(thetas, theta0)`) in one read of every input.
+
+    Block by block: a base block is summed and then stays in cache while every fine-tune's
+    difference with it is formed and summed, so ‖θ₀‖² costs no read of its own.
     """
-    b = theta0.reshape(-1)
-    flats = [theta.reshape(-1) for theta in thetas]
-    width = min(BLOCK, b.numel())
-    narrow = torch.empty((len(flats), width), dtype=b.dtype, device=b.device)
-    sums = _SquareSums(len(flats), width, b.device)
-    for start in range(0, b.numel(), BLOCK):
-        count = min(BLOCK, b.numel() - start)
-        base_block = b[start : start + count]
-        for row, a in zip(narrow, flats, strict=True):
-            torch.sub(a[start : start + count], base_block, out=row[:count])
-        sums.add(narrow[:, :count])
-    return sums.totals()
+    base, *differences = _square_sums([theta0, *thetas])
+    return base, differences
 
 
 def sq_norm_after_sparsify(tau: torch.Tensor, plan: MergePlan, label: str, tensor_name: str, part: int = 0,

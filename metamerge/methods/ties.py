@@ -12,17 +12,14 @@ rule, the same election. With trims remembered from an earlier merge, one pass s
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import os
-import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from metamerge.methods.kernels import combine
+from metamerge.methods.native import ties_kernels, use_compiled
 from metamerge.methods.plan import MergePlan
 from metamerge.methods.selection import (
     SELECT_MIN,
@@ -77,7 +74,7 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
             return merged
     lo, hi = _brackets(rows, k, fast)
     if fast:
-        gram, base_sq, above, bands = _compiled().first_pass(rows, lo, hi)
+        gram, base_sq, above, bands = ties_kernels().first_pass(rows, lo, hi)
         magnitudes = _magnitudes_of(rows)
     else:
         stacked = inputs if isinstance(inputs, torch.Tensor) else torch.stack(rows)
@@ -100,7 +97,7 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
         return combine(taus, weights, plan, out=out).add_(rows[0]), gram, base_sq
     out = torch.empty(n) if out is None else out
     if fast:
-        _compiled().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, out[:n])
+        ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, out[:n])
     else:
         second_pass(stacked, floors, weights, plan, out)
     return out[:n], gram, base_sq
@@ -120,7 +117,7 @@ def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.
     if missing:
         alone = [rows[0]] + [rows[t + 1] for t in missing]
         lo, hi = _brackets(alone, k, True)
-        _, _, above, bands = _compiled().first_pass(alone, lo, hi)
+        _, _, above, bands = ties_kernels().first_pass(alone, lo, hi)
         for t, trim in zip(missing, _trims(_magnitudes_of(alone), n, k, above, bands)[0], strict=True):
             full[t] = trim
     trims: list[Trim] = [trim for trim in full if trim is not None]
@@ -130,7 +127,7 @@ def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.
     if not float(floors.min()) >= SMALLEST_FLOOR:  # (NaN too) the unfused trim's range: no shortcut
         return None
     target = torch.empty(n) if out is None else out[:n]
-    kept, gram, base_sq = _compiled().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target,
+    kept, gram, base_sq = ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target,
                                                   diagnostics=True)
     assert gram is not None
     check(gram, base_sq)
@@ -165,30 +162,12 @@ def _trims(magnitudes: Callable[[int, int, int], torch.Tensor], n: int, k: int, 
     return trims, drops
 
 
-def use_compiled() -> bool:
-    """The compiled passes when numba is installed; METAMERGE_COMPILED=0 forces the torch ones."""
-    return _numba_installed() and os.environ.get("METAMERGE_COMPILED", "1") != "0"
-
-
-@functools.cache
-def _numba_installed() -> bool:
-    return importlib.util.find_spec("numba") is not None
-
-
-def _compiled() -> types.ModuleType:
-    """`methods/compiled.py`, imported on first use: numba and LLVM cost about 130 MB of memory
-    and a second of start-up, which merges that never run TIES should not pay."""
-    from metamerge.methods import compiled
-
-    return compiled
-
-
 def _brackets(rows: Rows, k: int, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per fine-tune, [T, 1] values around its k-th largest |τ|, from one set of sampled positions."""
     count, n = len(rows) - 1, rows[0].numel()
     positions = sample_positions(n, rows[0].device)
     if fast:  # the compiled gather: the sampled pages of mapped rows fault in on every core
-        samples = _compiled().sample(rows, positions)
+        samples = ties_kernels().sample(rows, positions)
     else:
         samples = torch.stack([row[positions] for row in rows[1:]]).sub_(rows[0][positions]).abs_()
     brackets = [bracket(samples[t], k, n) for t in range(count)]
