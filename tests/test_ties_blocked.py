@@ -300,3 +300,32 @@ def test_a_wrong_remembered_trim_is_caught_and_the_tensor_selected_again(damage,
                                    learn=relearned.append)
     assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
     assert relearned == learned  # selected again, and the right trims learned for next time
+
+
+def test_compress_store_keeps_exactly_the_band_in_order():
+    """The first pass's 16-wide compress-store against numpy's boolean selection: the same values, the
+    same order, the same count; NaN, ±0, ±inf and both bracket ends included; nothing written past it."""
+    pytest.importorskip("numba")
+    import numpy as np
+    from numba import njit
+
+    from metamerge.methods.simd import WIDTH, compress_band
+
+    @njit
+    def compact(tau, low, high, out):
+        at = 0
+        for i in range(0, tau.shape[0] // WIDTH * WIDTH, WIDTH):
+            at += compress_band(tau, i, low, high, out, at)
+        return at
+
+    rng = np.random.default_rng(5)
+    tau = rng.standard_normal(WIDTH * 4000).astype(np.float32)
+    low, high = np.float32(0.5), np.float32(1.25)
+    tau[:8] = [np.nan, -0.0, 0.0, np.inf, -np.inf, low, -high, np.nextafter(high, np.float32(9))]
+    out = np.full(tau.size + 1, -7.0, np.float32)
+    count = compact(tau, low, high, out)
+    magnitudes = np.abs(tau)
+    want = magnitudes[(magnitudes >= low) & (magnitudes <= high)]
+    assert count == want.size and 0 < count < tau.size
+    assert np.array_equal(out[:count], want)
+    assert (out[count:] == -7.0).all()
