@@ -148,6 +148,19 @@ def test_core_modules_import_without_prefect():
     assert result.returncode == 0, result.stderr + result.stdout
 
 
+def test_merge_modules_import_without_numba():
+    """numba and LLVM (about 130 MB, a second of start-up) load only when a compiled kernel first runs."""
+    code = (
+        "import sys\n"
+        "import metamerge.pipeline.extract, metamerge.pipeline.merge, metamerge.engine.merge\n"
+        "import metamerge.methods.norms, metamerge.methods.ties, metamerge_prefect.cli\n"
+        "bad = sorted(k for k in sys.modules if k in ('numba', 'llvmlite'))\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
 def test_installing_puts_no_generic_top_level_name_in_site_packages():
     """`tasks`, `flows` and `deployments` exist only as metamerge_prefect's subpackages once installed."""
     code = (

@@ -497,6 +497,14 @@ def _sequential_column_norm(x: np.ndarray) -> float:
     return math.fsum(total.tolist())
 
 
+def test_the_norm_order_is_defined_once_for_both_implementations():
+    """norms (which must not import numba) and norm_kernels each name the block and row width: they must agree."""
+    pytest.importorskip("numba")
+    from metamerge.methods import norm_kernels, norms
+
+    assert (norms.BLOCK, norms.COLUMNS) == (norm_kernels.BLOCK, norm_kernels.COLUMNS) == (65_536, 256)
+
+
 @pytest.mark.parametrize("n", [1, 255, 257, 65_536, 3 * 65_536 + 300])
 def test_compiled_and_torch_norms_are_the_sequential_column_sums(n, monkeypatch):
     """The compiled sums, the torch fallback and a row-by-row numpy loop: the same floats, bit for bit.
