@@ -61,6 +61,21 @@ def test_relative_norm_is_the_task_vectors_norm_over_the_bases(tmp_path):
         assert stats.relative_norm == pytest.approx(_direct_relative_norm(base, ft), rel=1e-6)
 
 
+def test_raw_and_base_norms_are_one_float_whatever_the_sparsification(tmp_path):
+    """‖τ‖² before sparsifying and ‖θ₀‖² are the same sums (norms' fixed order) on every path: the plain
+    norm pass (fused, mapped), TIES' and DARE's (read, then trimmed in place). A float32 dot, which
+    the sparsified path used for ‖τ‖² and every path for ‖θ₀‖², differs in the last bits."""
+    base, fts, *_ = random_family(tmp_path, n_finetunes=1)
+    plans = [MergePlan(), MergePlan(sparsify="magnitude", density=0.2), MergePlan(sparsify="random", density=0.5, seed=3)]
+    stats = [extract_stats(base, fts[0], "ft0", plan) for plan in plans]
+    assert len({(s.raw_sq_norm, s.base_sq_norm) for s in stats}) == 1, [(s.raw_sq_norm, s.base_sq_norm) for s in stats]
+    assert stats[0].raw_sq_norm == stats[0].total_sq_norm
+    # what the sparsified merges weigh: TIES' trim keeps a fifth, DARE's survivors are rescaled by 1/p
+    assert stats[1].total_sq_norm < 0.9 * stats[1].raw_sq_norm < stats[2].total_sq_norm
+    assert math.sqrt(stats[0].raw_sq_norm / stats[0].base_sq_norm) == pytest.approx(_direct_relative_norm(base, fts[0]),
+                                                                                   rel=1e-9)
+
+
 @pytest.mark.parametrize("method", ["metagpt", "task_arithmetic", "ties"])
 def test_finetunes_of_an_unrelated_init_fail_naming_the_finetune_and_the_number(tmp_path, method):
     """metagpt checks the extracted norms before merging; the others, the merge pass's own sums before committing."""

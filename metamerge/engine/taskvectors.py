@@ -186,7 +186,7 @@ def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]],
                     base_sq += sq_norm(theta0)
                     for i, (ft, theta) in enumerate(zip(sums, thetas, strict=True)):
                         tau = theta.sub_(theta0)
-                        raws[i] += float(torch.dot(tau, tau))
+                        raws[i] += sq_norm(tau)
                         values[i] += sq_norm_after_sparsify(tau, plan, ft.label, aliases.get(name, name),
                                                             rows[0] if rows else 0,
                                                             info.shape[-1] if len(info.shape) > 1 else None)
