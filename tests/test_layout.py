@@ -134,6 +134,13 @@ def test_core_modules_stay_small():
     assert not too_big, f"split these (one job per module): {too_big}"
 
 
+def _fresh_python(code: str) -> str:
+    """Runs `code` in a new interpreter outside the checkout (what an installed user gets); its stdout."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr + result.stdout
+    return result.stdout
+
+
 def test_core_modules_import_without_prefect():
     code = (
         "import sys, importlib, pkgutil, metamerge\n"
@@ -144,8 +151,7 @@ def test_core_modules_import_without_prefect():
         "print(len(names), bad)\n"
         "assert len(names) > 40 and not bad, bad\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
-    assert result.returncode == 0, result.stderr + result.stdout
+    _fresh_python(code)
 
 
 def test_merge_modules_import_without_numba():
@@ -157,8 +163,7 @@ def test_merge_modules_import_without_numba():
         "bad = sorted(k for k in sys.modules if k in ('numba', 'llvmlite'))\n"
         "assert not bad, bad\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
-    assert result.returncode == 0, result.stderr + result.stdout
+    _fresh_python(code)
 
 
 def test_installing_puts_no_generic_top_level_name_in_site_packages():
@@ -168,9 +173,7 @@ def test_installing_puts_no_generic_top_level_name_in_site_packages():
         "print(json.dumps({n: importlib.util.find_spec(n) is not None for n in "
         "('tasks', 'flows', 'deployments', 'metamerge_prefect.flows.merge_flow', 'metamerge_prefect.tasks.merge')}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ('{"tasks": false, "flows": false, "deployments": false, '
+    assert _fresh_python(code).strip() == ('{"tasks": false, "flows": false, "deployments": false, '
                                      '"metamerge_prefect.flows.merge_flow": true, "metamerge_prefect.tasks.merge": true}')
 
 

@@ -178,15 +178,14 @@ def tensor_sums(base_dir: ModelSource, finetunes: list[tuple[ModelSource, str]],
                 for rows in pieces[name]:
                     theta0 = thetas = None  # the last piece goes first: read_ahead unmaps it on its thread
                     theta0, *thetas = next(loaded)
-                    if plan.sparsify == "none":  # τ is never written: one read of each piece, in cache
-                        piece_base_sq, differences = base_and_difference_sq_norms(thetas, theta0)
-                        base_sq += piece_base_sq
+                    piece_base_sq, differences = base_and_difference_sq_norms(thetas, theta0)  # one read, in cache
+                    base_sq += piece_base_sq
+                    if plan.sparsify == "none":  # τ is never written
                         values = [v + d for v, d in zip(values, differences, strict=True)]
                         continue
-                    base_sq += sq_norm(theta0)
+                    raws = [r + d for r, d in zip(raws, differences, strict=True)]
                     for i, (ft, theta) in enumerate(zip(sums, thetas, strict=True)):
                         tau = theta.sub_(theta0)
-                        raws[i] += sq_norm(tau)
                         values[i] += sq_norm_after_sparsify(tau, plan, ft.label, aliases.get(name, name),
                                                             rows[0] if rows else 0,
                                                             info.shape[-1] if len(info.shape) > 1 else None)
