@@ -194,6 +194,54 @@ def test_a_band_larger_than_a_blocks_scratch_is_gathered_again(monkeypatch, pass
 
 
 
+
+def test_a_scratch_row_that_overflows_leaves_its_neighbours_intact(monkeypatch, passes):
+    """The first pass compacts SUB entries at a time and stops a row at its capacity: the rows after
+    it in memory (the next fine-tune's, the next block's) must hold exactly their own band."""
+    if passes != "compiled":
+        pytest.skip("the scratch is the compiled first pass's")
+    monkeypatch.setattr(compiled, "BAND_CAPACITY", 64)
+    gen = torch.Generator().manual_seed(3)
+    n = 3 * ties.BLOCK
+    rows = [torch.zeros(n)] + [torch.full((n,), 5.0) for _ in range(3)]  # |τ| = 5: above the bracket
+    lo, hi = torch.tensor([[1.0]] * 3), torch.tensor([[2.0]] * 3)
+    for t in range(3):
+        for block in range(3):
+            overflows = (t + block) % 2 == 0  # neighbours in memory alternate: full, within capacity
+            count = 500 if overflows else 60
+            if overflows:  # one run: a single sub-block passes the capacity by hundreds
+                at = block * ties.BLOCK + 1000 * (t + 1) + torch.arange(count)
+            else:
+                at = block * ties.BLOCK + torch.randperm(ties.BLOCK, generator=gen)[:count]
+            rows[t + 1][at] = 1.0 + torch.rand(count, generator=gen)  # distinct values inside [1, 2)
+    _, _, above, bands = compiled.first_pass(rows, lo, hi)
+    for t in range(3):
+        magnitudes = (rows[t + 1] - rows[0]).abs()
+        inside = (magnitudes >= 1.0) & (magnitudes <= 2.0)
+        assert torch.equal(bands[t].all(), magnitudes[inside])  # in position order
+        assert int(above[t]) == int((magnitudes > 2.0).sum())
+        for block in range(3):
+            assert torch.equal(bands[t].block(block), magnitudes[block * ties.BLOCK:(block + 1) * ties.BLOCK][
+                inside[block * ties.BLOCK:(block + 1) * ties.BLOCK]])
+
+
+def test_the_gram_summed_run_by_run_is_the_whole_blocks_dot(passes):
+    """Both passes add the gram one float32 run at a time while the run is in L1; it must be the
+    float of `_dot` over the whole block (one block here, so no cross-block sum), in either pass."""
+    if passes != "compiled":
+        pytest.skip("about the compiled passes")
+    stacked = _stacked("random", n=ties.BLOCK - 100)  # a ragged last run
+    rows = list(stacked)
+    taus = [(row - rows[0]).numpy() for row in rows[1:]]
+    want = torch.tensor([[compiled._dot(x, y) for y in taus] for x in taus], dtype=torch.float64)
+    lo, hi = torch.full((3, 1), 1e-3), torch.full((3, 1), 2e-3)
+    gram, base_sq, _, _ = compiled.first_pass(rows, lo, hi)
+    assert torch.equal(gram, want) and base_sq == compiled._dot(rows[0].numpy(), rows[0].numpy())
+    floors, cuts = torch.full((3, 1), 1e-3), torch.full((3,), ties.BLOCK, dtype=torch.int64)
+    _, again, base_again = compiled.second_pass(rows, floors, cuts, torch.ones(3), 1.0, True,
+                                                torch.empty(ties.BLOCK - 100), diagnostics=True)
+    assert torch.equal(again, want) and base_again == base_sq
+
 def test_the_compiled_sample_and_brackets_are_the_torch_ones(passes):
     """The brackets decide only the speed, but the compiled gather must still read the very |τ|."""
     if passes != "compiled":

@@ -22,7 +22,7 @@ from metamerge.engine.checkpoint import CheckpointReader, TensorInfo, row_chunks
 from metamerge.engine.coefficients import Coefficients
 from metamerge.engine.compat import align, aligned_rows, is_vocab_tensor, tied_aliases
 from metamerge.engine.lora import open_finetune
-from metamerge.engine.pieces import PieceReader, Workspace
+from metamerge.engine.pieces import PieceReader, WholeResult, Workspace
 from metamerge.engine.prefetch import read_ahead
 from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.engine.thresholds import ThresholdCache
@@ -67,7 +67,7 @@ def _reads_only(plan: MergePlan) -> Callable[[int], bool]:
 def _merge_piece(
     stacked: torch.Tensor | list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str],
     name: str, part: int, out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base",
-    shape: tuple[int, ...] = (), trims: ThresholdCache | None = None,
+    shape: tuple[int, ...] = (), trims: ThresholdCache | None = None, ahead: ties.Brackets | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64; ‖θ₀ piece‖²).
 
@@ -75,6 +75,7 @@ def _merge_piece(
     (for the paths that only read, see `_reads_only`) a list of its rows, which may be mapped files.
     `shape` is the piece's shape: DELLA ranks within its rows, Iso-C treats a 2-D one as a matrix.
     `trims`: TIES trims remembered between merges (whole tensors only), and where to learn them.
+    `ahead`: TIES brackets made on the read-ahead thread (`ties.brackets_ahead`).
     """
     if plan.linear and out is not None:
         return _linear_piece_blocked(list(stacked), weights, plan, labels, name, out, base_label)
@@ -82,7 +83,7 @@ def _merge_piece(
         return ties.ties_piece(stacked, weights, plan, out,
                                lambda gram, base_sq: _require_finite(gram, base_sq, labels, name, base_label),
                                trims.trims(name) if trims is not None else None,
-                               (lambda found: trims.learn(name, found)) if trims is not None else None)
+                               (lambda found: trims.learn(name, found)) if trims is not None else None, ahead)
     assert isinstance(stacked, torch.Tensor), "only read-only paths get rows"
     base, taus = stacked[0], stacked[1:]
     base_sq = float(torch.dot(base, base))
@@ -216,14 +217,23 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
     _expect_reads(job, work)
     capacity = checkpoint.CHUNK_ELEMENTS  # whole tensors larger than this (TIES only) get their own buffers
     workspaces = [Workspace(len(labels) + 1, capacity, compute_device.type == "cuda") for _ in range(2)]
+    whole = WholeResult()
     totals = _Totals(gram=torch.zeros((len(labels), len(labels)), dtype=torch.float64))
     weights_cache: dict[str, torch.Tensor] = {}
-    reads = read_ahead(len(work), lambda index, slot: inputs.load(work[index][0].name, work[index][1], workspaces[slot]))
+
+    def load(index: int, slot: int) -> tuple[torch.Tensor | list[torch.Tensor], ties.Brackets | None]:
+        """On the read-ahead thread: the piece, and the TIES brackets it will need (`ties.brackets_ahead`)."""
+        info, rows = work[index]
+        loaded = inputs.load(info.name, rows, workspaces[slot])
+        trims = job.thresholds if rows is None and base.info(info.name).is_float else None
+        return loaded, ties.brackets_ahead(loaded, plan, trims.peek(info.name) if trims is not None else None)
+
+    reads = read_ahead(len(work), load)
     with closing(reads), ThreadPoolExecutor(max_workers=1) as writer_pool:
         pending_write: Future | None = None
         done_bytes = 0
         for index, (info, rows) in enumerate(work):
-            loaded = next(reads)
+            loaded, ahead = next(reads)
             workspace = workspaces[index % 2]  # the slot read_ahead loaded this piece into
             shape = base.piece_shape(info.name, rows)
             totals.bytes_read += sum(row.numel() * row.element_size() for row in
@@ -233,11 +243,17 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
                 if group not in weights_cache:
                     weights_cache[group] = torch.tensor(coefficients.groups[group], dtype=torch.float32, device=compute_device)
                 n = loaded[0].numel()
-                out = workspace.result[:n] if n <= workspace.capacity and compute_device.type == "cpu" else None
+                out = None
+                if compute_device.type == "cpu" and n <= workspace.capacity:
+                    out = workspace.result[:n]
+                elif compute_device.type == "cpu":  # a whole tensor (TIES & co.): its write must be done first
+                    if pending_write is not None:
+                        pending_write.result()
+                    out = whole.take(n)
                 result32, gram, base_sq = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
                                                        rows[0] if rows else 0, out, aliases.get(info.name),
                                                        job.base_label, tuple(shape),
-                                                       job.thresholds if rows is None else None)
+                                                       job.thresholds if rows is None else None, ahead)
                 totals.gram += gram.cpu()
                 totals.base_sq_norm += base_sq
                 result = result32.reshape(shape).to(info.dtype)

@@ -36,6 +36,10 @@ class ThresholdCache:
     def trims(self, name: str) -> list[Trim | None]:
         """Each fine-tune's trim of `name` (None where unknown: `ties_piece` selects for those alone)."""
         self.tensors += 1
+        return self.peek(name)
+
+    def peek(self, name: str) -> list[Trim | None]:
+        """`trims(name)` without counting it as merged: the read-ahead thread looks before the merge does."""
         return [known.get(name) for known in self.known]
 
     def learn(self, name: str, trims: list[Trim]) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from metamerge.methods.compiled import AVAILABLE, LAUNCH, as_arrays, jit, launch_threads
+from metamerge.methods.numba_runtime import AVAILABLE, LAUNCH, as_arrays, jit, launch_threads
 
 BLOCK = 1 << 16  # entries whose column sums start from zero (norms.BLOCK)
 COLUMNS = 256

@@ -1,0 +1,96 @@
+"""How the streaming engine feeds TIES: brackets made on the read-ahead thread, one reused buffer
+for whole-tensor results. Both are speed only: the bytes must be those of the plain way."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from metamerge.engine import checkpoint, writer
+from metamerge.engine.coefficients import solve_constant
+from metamerge.engine.merge import merge_checkpoints
+from metamerge.engine.pieces import WholeResult
+from metamerge.methods import compiled, ties
+from metamerge.methods.plan import MergePlan
+from tests.helpers import random_family
+
+PLAN = MergePlan(sparsify="magnitude", density=0.2, consensus="ties", weighting="constant", normalize=True)
+LABELS = ["ft0", "ft1", "ft2"]
+
+
+@pytest.fixture
+def family(tmp_path):
+    """Two q_proj tensors of 300×300 (above SELECT_MIN: the blocked TIES path), the rest small."""
+    base_dir, ft_dirs, _, _ = random_family(tmp_path, n_finetunes=3, hidden=300)
+    return base_dir, list(zip(LABELS, ft_dirs, strict=True))
+
+
+def _merge(family, out):
+    base_dir, finetunes = family
+    return merge_checkpoints(base_dir, finetunes, solve_constant(LABELS, 1.0, "ties"), PLAN, out, device="cpu")
+
+
+def _bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def test_brackets_are_made_on_the_read_ahead_thread_and_change_no_byte(family, tmp_path, monkeypatch):
+    if not compiled.AVAILABLE:
+        pytest.skip("the read-ahead brackets serve the compiled passes")
+    monkeypatch.setenv("METAMERGE_COMPILED", "1")
+    real, threads = ties._brackets, []
+
+    def recorded(rows, k, fast):
+        threads.append((threading.current_thread().name, fast))
+        return real(rows, k, fast)
+
+    monkeypatch.setattr(ties, "_brackets", recorded)
+    _merge(family, tmp_path / "ahead")
+    assert len(threads) == 2 and all(name.startswith("read-ahead") and not fast for name, fast in threads)
+
+    threads.clear()
+    monkeypatch.setattr(ties, "brackets_ahead", lambda *args: None)  # the merging thread brackets again
+    _merge(family, tmp_path / "behind")
+    assert threads == [(threading.current_thread().name, True)] * 2
+    assert _bytes(tmp_path / "ahead") == _bytes(tmp_path / "behind")
+
+
+def test_no_brackets_ahead_where_the_merge_will_not_select(family, tmp_path):
+    import torch
+
+    rows = [torch.randn(70_000) for _ in range(4)]
+    assert ties.brackets_ahead(torch.stack(rows), PLAN, None) is None  # a tensor: the torch passes bracket it
+    assert ties.brackets_ahead(rows[:], MergePlan(sparsify="magnitude", density=1.0, consensus="ties"), None) is None
+    assert ties.brackets_ahead([row[:1000] for row in rows], PLAN, None) is None  # small: a full selection
+    assert ties.brackets_ahead(rows, PLAN, [(0.5, 70_000)] * 3) is None  # every trim remembered
+    if compiled.AVAILABLE:
+        lo, hi = ties.brackets_ahead(rows, PLAN, [(0.5, 70_000), None, (0.5, 70_000)])
+        want = ties._brackets(rows, int(0.2 * 70_000), fast=True)
+        assert torch.equal(lo, want[0]) and torch.equal(hi, want[1]) and bool((lo < hi).all())
+
+
+def test_whole_results_share_one_buffer_that_only_grows():
+    results = WholeResult()
+    first = results.take(1000)
+    assert results.take(800).data_ptr() == first.data_ptr() and results.take(800).numel() == 800
+    bigger = results.take(5000)
+    assert bigger.numel() == 5000 and results.take(1000).data_ptr() == bigger.data_ptr()
+
+
+def test_a_slow_write_of_a_whole_tensor_is_never_overwritten_by_the_next(family, tmp_path, monkeypatch):
+    """Fault injection: with every piece a whole tensor above the workspace, consecutive results
+    reuse one buffer; each write is slowed so that, without the wait, the next merge would overwrite
+    bytes still being written."""
+    _merge(family, tmp_path / "plain")
+    monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 64)  # the workspace holds 64 entries: all whole
+    real = writer.ShardedWriter.write
+
+    def slow(self, name, tensor):
+        time.sleep(0.05)
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(writer.ShardedWriter, "write", slow)
+    _merge(family, tmp_path / "slow")
+    assert _bytes(tmp_path / "slow") == _bytes(tmp_path / "plain")
