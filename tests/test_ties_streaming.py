@@ -51,10 +51,19 @@ def test_brackets_are_made_on_the_read_ahead_thread_and_change_no_byte(family, t
     assert len(threads) == 2 and all(name.startswith("read-ahead") and not fast for name, fast in threads)
 
     threads.clear()
+    monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 50_000)  # the 90 000-entry tensors are now whole pieces
+    _merge(family, tmp_path / "whole")
+    # not mapped ahead, so not sampled ahead: two whole pieces would be resident at once
+    assert threads == [(threading.current_thread().name, True)] * 2
+
+    threads.clear()
+    monkeypatch.undo()
+    monkeypatch.setenv("METAMERGE_COMPILED", "1")
+    monkeypatch.setattr(ties, "_brackets", recorded)
     monkeypatch.setattr(ties, "brackets_ahead", lambda *args: None)  # the merging thread brackets again
     _merge(family, tmp_path / "behind")
     assert threads == [(threading.current_thread().name, True)] * 2
-    assert _bytes(tmp_path / "ahead") == _bytes(tmp_path / "behind")
+    assert _bytes(tmp_path / "ahead") == _bytes(tmp_path / "behind") == _bytes(tmp_path / "whole")
 
 
 def test_no_brackets_ahead_where_the_merge_will_not_select(family, tmp_path):
