@@ -68,3 +68,24 @@ def random_family(root: Path, n_finetunes: int = 3, dtype: torch.dtype = torch.f
         fts.append(ft)
         ft_dirs.append(write_checkpoint(root / f"ft{t}", ft, shards=2 if t == 0 else 1))
     return base_dir, ft_dirs, base, fts
+
+
+TIES_LABELS = ["ft0", "ft1", "ft2"]
+
+
+def ties_family(root: Path) -> tuple[Path, list[tuple[str, Path]]]:
+    """Two q_proj tensors of 300×300 (above SELECT_MIN: the blocked TIES path), the rest small;
+    the base folder and (label, folder) of three fine-tunes."""
+    base_dir, ft_dirs, _, _ = random_family(root, n_finetunes=3, hidden=300)
+    return base_dir, list(zip(TIES_LABELS, ft_dirs, strict=True))
+
+
+def ties_plan():
+    """TIES at density 0.2 with the disjoint mean, as the TIES tests merge."""
+    from metamerge.methods.plan import MergePlan
+
+    return MergePlan(sparsify="magnitude", density=0.2, consensus="ties", weighting="constant", normalize=True)
+
+
+def safetensors_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}

@@ -14,17 +14,15 @@ from metamerge.engine.merge import merge_checkpoints
 from metamerge.engine.pieces import WholeResult
 from metamerge.methods import compiled, ties
 from metamerge.methods.plan import MergePlan
-from tests.helpers import random_family
+from tests.helpers import TIES_LABELS, safetensors_bytes, ties_family, ties_plan
 
-PLAN = MergePlan(sparsify="magnitude", density=0.2, consensus="ties", weighting="constant", normalize=True)
-LABELS = ["ft0", "ft1", "ft2"]
+PLAN = ties_plan()
+LABELS = TIES_LABELS
 
 
 @pytest.fixture
 def family(tmp_path):
-    """Two q_proj tensors of 300×300 (above SELECT_MIN: the blocked TIES path), the rest small."""
-    base_dir, ft_dirs, _, _ = random_family(tmp_path, n_finetunes=3, hidden=300)
-    return base_dir, list(zip(LABELS, ft_dirs, strict=True))
+    return ties_family(tmp_path)
 
 
 def _merge(family, out):
@@ -32,8 +30,7 @@ def _merge(family, out):
     return merge_checkpoints(base_dir, finetunes, solve_constant(LABELS, 1.0, "ties"), PLAN, out, device="cpu")
 
 
-def _bytes(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+_bytes = safetensors_bytes
 
 
 def test_brackets_are_made_on_the_read_ahead_thread_and_change_no_byte(family, tmp_path, monkeypatch):

@@ -10,18 +10,15 @@ from metamerge.engine.coefficients import solve_constant
 from metamerge.engine.merge import merge_checkpoints
 from metamerge.engine.thresholds import ThresholdCache
 from metamerge.methods import compiled, ties
-from metamerge.methods.plan import MergePlan
-from tests.helpers import random_family
+from tests.helpers import TIES_LABELS, random_family, safetensors_bytes, ties_family, ties_plan
 
-PLAN = MergePlan(sparsify="magnitude", density=0.2, consensus="ties", weighting="constant", normalize=True)
-LABELS = ["ft0", "ft1", "ft2"]
+PLAN = ties_plan()
+LABELS = TIES_LABELS
 
 
 @pytest.fixture
 def family(tmp_path):
-    """Two q_proj tensors of 300×300 (above SELECT_MIN: the blocked TIES path), the rest small."""
-    base_dir, ft_dirs, _, _ = random_family(tmp_path, n_finetunes=3, hidden=300)
-    return base_dir, list(zip(LABELS, ft_dirs, strict=True))
+    return ties_family(tmp_path)
 
 
 def _merge(family, out, cache=None, count=3):
@@ -30,8 +27,7 @@ def _merge(family, out, cache=None, count=3):
                              device="cpu", thresholds=cache)
 
 
-def _bytes(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+_bytes = safetensors_bytes
 
 
 def _cache(tmp_path, count=3):
