@@ -57,9 +57,11 @@ def brackets_ahead(inputs: torch.Tensor | Rows, plan: MergePlan, known: list[Tri
 
     The sample is 4096 scattered reads per fine-tune and its brackets a few small partitions: on
     the merging thread that was 0.05–0.2 s of a 1.1 s TIES merge of the benchmark family, most of
-    it waiting on memory, which the loading thread, idle between its reads, does for free. The
-    gather here is torch's, serial, so it never contends with the merging thread's kernels; it
-    gives the compiled gather's floats (one float32 subtraction and |·| per entry).
+    it waiting on memory, while the loading thread mostly waits between its reads. The gather
+    here is torch's, serial, so it never takes the kernels' launch lock; it gives the compiled
+    gather's floats (one float32 subtraction and |·| per entry). The caller decides which pieces
+    (`engine/streaming.py`: those mapped ahead anyway, as sampling a whole tensor faults most of
+    it in).
     """
     if not isinstance(inputs, list) or not use_compiled():
         return None
