@@ -34,6 +34,7 @@ BAND_CAPACITY = BLOCK // 8  # in-bracket |τ| a block keeps from its first pass 
 # the benchmark family; with 256 entries 0.18 s (in memory, same floats; 1024: 0.26 s, 128: 0.18 s).
 SUB = 256
 RUN = 1024  # products per float32 partial sum of the gram (`_dot`)
+assert RUN % SUB == 0, "the passes add the gram's runs at step ends"
 
 
 if AVAILABLE:
@@ -60,6 +61,7 @@ if AVAILABLE:
 
     @jit(boundscheck=False)
     def _mirror(gram):  # pragma: no cover - compiled
+        """The lower triangle from the upper one, which `_add_gram` fills."""
         for x in range(gram.shape[0]):
             for y in range(x + 1, gram.shape[0]):
                 gram[y, x] = gram[x, y]
@@ -105,7 +107,7 @@ if AVAILABLE:
                             if cursor > capacity:  # (a store then reaches at most 15 past it: the row's spare)
                                 break
                             cursor += compress_band(tau, i, low, high, kept, cursor)
-                        for i in range(whole, span):  # every value is written, the next overwrites it
+                        for i in range(whole, span):  # every value is written; the next overwrites it
                             if cursor > capacity:  # unless it was inside
                                 break
                             magnitude = abs(tau[i])
