@@ -63,9 +63,10 @@ def test_brackets_are_made_on_the_read_ahead_thread_and_change_no_byte(family, t
     assert _bytes(tmp_path / "ahead") == _bytes(tmp_path / "behind") == _bytes(tmp_path / "whole")
 
 
-def test_no_brackets_ahead_where_the_merge_will_not_select(family, tmp_path):
+def test_no_brackets_ahead_where_the_merge_will_not_select(monkeypatch):
     import torch
 
+    monkeypatch.setenv("METAMERGE_COMPILED", "1")
     rows = [torch.randn(70_000) for _ in range(4)]
     assert ties.brackets_ahead(torch.stack(rows), PLAN, None) is None  # a tensor: the torch passes bracket it
     assert ties.brackets_ahead(rows[:], MergePlan(sparsify="magnitude", density=1.0, consensus="ties"), None) is None
