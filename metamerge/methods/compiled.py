@@ -51,13 +51,13 @@ if AVAILABLE:
         return total
 
     @jit(boundscheck=False)
-    def _add_gram(gram, taus, begin, end):  # pragma: no cover - compiled
-        """gram[x, y] += Σ τ_x·τ_y over positions begin..end, one of `_dot`'s float32 runs: summed
-        run by run as the passes go, the gram is the whole block's `_dot`, the same float."""
+    def _add_gram(gram, taus, length):  # pragma: no cover - compiled
+        """gram[x, y] += Σ τ_x·τ_y over the first `length` entries of a run's scratch, one of `_dot`'s
+        float32 runs: summed run by run as the passes go, the gram is the whole block's `_dot`."""
         count = taus.shape[0]
         for x in range(count):
             for y in range(x, count):
-                gram[x, y] += _dot(taus[x, begin:end], taus[y, begin:end])
+                gram[x, y] += _dot(taus[x, :length], taus[y, :length])
 
     @jit(boundscheck=False)
     def _mirror(gram):  # pragma: no cover - compiled
@@ -70,8 +70,9 @@ if AVAILABLE:
     def _first_pass(rows, n, lo, hi, above, inside, gram, base_sq, scratch):  # pragma: no cover - compiled
         """Per block and fine-tune, while the block is in cache: |τ| > hi counted, lo ≤ |τ| ≤ hi
         counted and copied in position order into the block's `scratch` row (as far as it holds);
-        the block's gram and Σ θ₀². The rows are only read: τ = θ_t − θ₀ goes to a block of its own,
-        made SUB entries at a time so that the counts and the compaction read it from L1."""
+        the block's gram and Σ θ₀². The rows are only read: τ = θ_t − θ₀ goes to a scratch of one
+        gram run (RUN entries per fine-tune), made SUB entries at a time so that the counts, the
+        compaction and the gram read it from L1."""
         count = len(rows) - 1
         capacity = scratch.shape[2] - WIDTH
         blocks = (n + BLOCK - 1) // BLOCK
@@ -81,14 +82,14 @@ if AVAILABLE:
             width = end - start
             base = rows[0][start:end]
             base_sq[b] = _dot(base, base)
-            taus = np.empty((count, width), np.float32)
+            taus = np.empty((count, RUN), np.float32)
             at = np.zeros(count, np.int64)
             for s0 in range(0, width, SUB):
                 s1 = min(width, s0 + SUB)
                 span = s1 - s0
                 part = base[s0:s1]
                 for t in range(count):
-                    row, tau = rows[t + 1][start + s0 : start + s1], taus[t, s0:s1]
+                    row, tau = rows[t + 1][start + s0 : start + s1], taus[t, s0 % RUN : s0 % RUN + span]
                     low, high = lo[t], hi[t]
                     up = 0
                     band = 0
@@ -115,7 +116,7 @@ if AVAILABLE:
                             cursor += (magnitude >= low) & (magnitude <= high)
                         at[t] = cursor
                 if s1 % RUN == 0 or s1 == width:  # a run of the gram's sums is complete: add it while in L1
-                    _add_gram(gram[b], taus, s0 // RUN * RUN, s1)
+                    _add_gram(gram[b], taus, s1 - s0 // RUN * RUN)
             _mirror(gram[b])
 
     @jit(parallel=True, boundscheck=False)
@@ -174,7 +175,7 @@ if AVAILABLE:
             mass = np.empty(SUB, np.float32)
             kept = np.empty((count, SUB), np.float32)  # trimmed τ of a sub-block: made once, read twice, in L1
             numbers = np.zeros(count, np.int64)
-            raw = np.empty((count, width if diagnostics else 0), np.float32)
+            raw = np.empty((count, RUN if diagnostics else 0), np.float32)  # one gram run of raw τ
             for s0 in range(0, width, SUB):
                 s1 = min(width, s0 + SUB)
                 span = s1 - s0
@@ -215,11 +216,11 @@ if AVAILABLE:
                     target[i] = delta + bs[i]
                 if diagnostics:  # the raw τ of the sub-block, still in L1, for the gram's runs
                     for t in range(count):
-                        row, tau = rows[t + 1][start + s0:start + s1], raw[t, s0:s1]
+                        row, tau = rows[t + 1][start + s0:start + s1], raw[t, s0 % RUN : s0 % RUN + span]
                         for i in range(span):
                             tau[i] = row[i] - bs[i]
                     if s1 % RUN == 0 or s1 == width:
-                        _add_gram(gram[b], raw, s0 // RUN * RUN, s1)
+                        _add_gram(gram[b], raw, s1 - s0 // RUN * RUN)
             for t in range(count):
                 kept_count[b, t] = numbers[t]
             if diagnostics:
