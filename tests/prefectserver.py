@@ -108,11 +108,16 @@ def events(api: str, names: list[str], resource_ids: list[str] | None = None) ->
         return json.loads(response.read())["events"]
 
 
-def browse(url: str, profile: Path, screenshot: Path | None = None) -> str | None:
+def browse(url: str, profile: Path, screenshot: Path | None = None, expect: tuple[str, ...] = (),
+           attempts: int = 3) -> str | None:
     """The DOM headless Chromium renders for `url` (None without Chromium: `make browser`).
 
-    With `screenshot`, also saves the page as a PNG; a failed screenshot is a warning, since
-    the DOM is what tests assert on and the picture is documentation.
+    The UI is a single-page app: on a loaded 2-core machine its API calls can still be pending
+    when Chromium's virtual time budget runs out, and the DOM is the bare shell (seen in CI on
+    the artifacts page). So the page is rendered again, up to `attempts` times, until every
+    string in `expect` is in it; callers still assert on what comes back. With `screenshot`,
+    the last render is also saved as a PNG; a failed screenshot is a warning, since the DOM is
+    what tests assert on and the picture is documentation.
     """
     import shutil
     import warnings
@@ -124,7 +129,14 @@ def browse(url: str, profile: Path, screenshot: Path | None = None) -> str | Non
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--window-size=1400,1000"]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    dom = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(2 * attempt)
+        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True,
+                             timeout=120).stdout
+        if all(text in dom for text in expect):
+            break
     if screenshot is not None:
         taken = subprocess.run([chromium, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
         if taken.returncode != 0 or not screenshot.exists() or screenshot.stat().st_size < 10_000:

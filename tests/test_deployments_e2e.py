@@ -154,13 +154,15 @@ def _ui_check(ui: str, flow_run_id, tmp_path: Path) -> None:
     above passed. The screenshot goes to tmp_path, or to docs/img with METAMERGE_UPDATE_SCREENSHOT=1.
     """
     url = f"{ui}/runs/flow-run/{flow_run_id}"
-    dom = browse(url, tmp_path / "chromium", screenshot_folder(tmp_path) / "merge-flow-run.png")
+    run_page = ("metagpt-merge", "nightly", "Completed")
+    dom = browse(url, tmp_path / "chromium", screenshot_folder(tmp_path) / "merge-flow-run.png", expect=run_page)
     if dom is None:
         return
-    assert "metagpt-merge" in dom and "nightly" in dom and "Completed" in dom, dom[:2000]
+    assert all(text in dom for text in run_page), dom[:2000]
     # the run page draws its artifacts on a canvas; the artifacts page lists them as text
-    artifacts_page = browse(f"{ui}/artifacts", tmp_path / "chromium")
-    for key in ("merge-coefficients", "task-vector-cosine", "merge-scores", "merge-report"):
+    keys = ("merge-coefficients", "task-vector-cosine", "merge-scores", "merge-report")
+    artifacts_page = browse(f"{ui}/artifacts", tmp_path / "chromium", expect=keys)
+    for key in keys:
         assert key in artifacts_page, key
 
 

@@ -212,7 +212,7 @@ def _pictures(ui: str, materialized: dict, history_id, tmp_path: Path) -> None:
                                            ["asset.materialization.succeeded", "family/ft1", "/ok-a/"]),
              "nightly-history.png": (f"{ui}/artifacts/artifact/{history_id}", ["nightly-history-ok-a"])}
     for picture, (url, expected) in pages.items():
-        dom = browse(url, profile, folder / picture)
+        dom = browse(url, profile, folder / picture, expect=tuple(expected))
         if dom is None:
             return
         for text in expected:
