@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from metamerge_prefect.cli import PREFECT_DEFAULTS
-
 REPO = Path(__file__).resolve().parent.parent
+# before anything imports prefect: it makes its home without parents, and a fresh clone has no .cache
 os.environ.setdefault("PREFECT_HOME", str(REPO / ".cache" / "prefect-test-home"))
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+from metamerge_prefect.cli import PREFECT_DEFAULTS  # noqa: E402
+
 for key, value in {
     **PREFECT_DEFAULTS,  # what the CLI sets for its embedded default
     "AWS_ACCESS_KEY_ID": "metamerge-test",
