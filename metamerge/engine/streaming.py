@@ -32,7 +32,7 @@ from metamerge.engine.writer import (
 from metamerge.errors import CheckpointError
 from metamerge.faults import hang_point
 from metamerge.methods import ties
-from metamerge.methods.kernels import chunked, combine, sparsify_
+from metamerge.methods.kernels import chunked, combine, sparsify_, weighted_sum_
 from metamerge.methods.plan import MergePlan
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,7 +124,7 @@ def _linear_piece_blocked(
     count, n = len(rows) - 1, rows[0].numel()
     gram = torch.zeros((count, count), dtype=torch.float64)
     base_sq = 0.0
-    row = weights.reshape(1, -1) * plan.scale
+    scaled = weights * plan.scale
     scratch = torch.empty((count, min(n, LINEAR_BLOCK)))
     for start in range(0, n, LINEAR_BLOCK):
         base = rows[0][start : start + LINEAR_BLOCK]
@@ -133,9 +133,7 @@ def _linear_piece_blocked(
             torch.sub(rows[t + 1][start : start + LINEAR_BLOCK], base, out=taus[t])
         base_sq += float(torch.dot(base, base))
         gram += (taus @ taus.T).double()
-        target = out[start : start + LINEAR_BLOCK].reshape(1, -1)
-        torch.matmul(row, taus, out=target)
-        target.add_(base)
+        weighted_sum_(taus, scaled, out=out[start : start + LINEAR_BLOCK]).add_(base)
     _require_finite(gram, base_sq, labels, name, base_label)
     return out[:n], gram, base_sq
 

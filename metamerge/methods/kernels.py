@@ -76,14 +76,15 @@ def combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: tor
             matrix_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """Δ = scale · Σ_t w_t m_t τ_t / (Σ_t w_t m_t if normalize else 1), m from sign election.
 
-    The linear case is one matrix-vector product over [T, n] (a single memory pass), written
-    into `out` when given so the streaming engine can reuse its buffers. With `spectral: iso`,
-    a weight matrix (`matrix_shape`, given by the engine for 2-D non-vocabulary tensors) gets
-    Iso-C's update instead: the sum of task vectors with its singular values all set to their mean.
+    `taus` is the caller's scratch: the linear case scales it in place (`weighted_sum_`), so no
+    [T, n] temporary is made. The result goes into `out` when given, so the streaming engine can
+    reuse its buffers. With `spectral: iso`, a weight matrix (`matrix_shape`, given by the
+    engine for 2-D non-vocabulary tensors) gets Iso-C's update instead: the sum of task vectors
+    with its singular values all set to their mean.
     """
     if plan.consensus == "none" and not plan.normalize:
         flat = taus.reshape(taus.shape[0], -1)
-        delta = torch.matmul(weights.reshape(1, -1), flat, out=None if out is None else out.reshape(1, -1))
+        delta = weighted_sum_(flat, weights, out=None if out is None else out.reshape(-1))
         delta = delta.reshape(taus.shape[1:])
     else:
         flat = taus.reshape(taus.shape[0], -1)
@@ -143,6 +144,18 @@ def elect_and_combine(taus: torch.Tensor, weights: torch.Tensor, plan: MergePlan
     if plan.normalize:
         divisor = _in_order(weighted_mask)
         out.div_(divisor.add_(divisor.sign().abs_().neg_().add_(1.0)))  # a 0 divisor becomes 1, others stay
+
+
+def weighted_sum_(taus: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_t w_t τ_t over a [T, n] scratch (scaled in place): each product and each add rounded once.
+
+    Not a BLAS product: its order and fused multiply-adds follow the CPU's vendor, not only its
+    vector width. MKL's float32 product gave different merged bytes on an Intel and an AMD
+    AVX-512 machine (53 of 150 digests, every linear merge), while TIES' sums, done this way,
+    were the same. Elementwise products and adds are IEEE operations on every CPU and kernel.
+    """
+    taus.mul_(weights.reshape(-1, *([1] * (taus.dim() - 1))).to(taus.dtype))
+    return _in_order(taus, out=out)
 
 
 def _in_order(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,107 @@
+"""Linear merges give the same bytes on every x86 CPU: Σ w τ is the fixed-order, unfused sum.
+
+A BLAS product had computed it (MKL's sgemm). Its order and fused multiply-adds follow the CPU's
+vendor: the 53 linear-merge digests of benchmarks/results/merge_digests.json, recorded on an
+Intel AVX-512 machine, all differed on an AMD AVX-512 one, while the 97 other merges matched.
+The reference here is numpy, one IEEE float32 operation at a time, so a fused or reordered sum
+fails it (on machines whose BLAS fuses: the AMD one's did not).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from metamerge.engine.streaming import LINEAR_BLOCK, _linear_piece_blocked
+from metamerge.methods.kernels import combine
+from metamerge.methods.plan import MergePlan
+
+WEIGHTS = [0.3, 1 / 3, 0.7111, 0.123]
+
+
+def _rows(n: int, seed: int = 5) -> list[torch.Tensor]:
+    """Base and fine-tunes from Python's generator (torch.randn differs between vector widths),
+    spread over many octaves so that fused and unfused sums part in many entries."""
+    rnd = random.Random(seed)
+    base = [rnd.gauss(0.0, 0.02) * 2.0 ** rnd.randint(-20, 4) for _ in range(n)]
+    rows = [torch.tensor(base, dtype=torch.float32)]
+    for _ in WEIGHTS:
+        rows.append(rows[0] + torch.tensor([rnd.gauss(0.0, 2e-3) * 2.0 ** rnd.randint(-20, 4) for _ in range(n)]))
+    rows[1][:7] = rows[0][:7]  # exact zeros in τ: their sign must not change the sum
+    rows[2][3:5] = -rows[2][3:5]
+    return rows
+
+
+def _reference(rows: list[torch.Tensor], weights: np.ndarray, scale_first: float, scale_after: float) -> np.ndarray:
+    """(((+0 + w₀τ₀) + w₁τ₁) + …)·s + θ₀ in numpy, each product and add rounded to float32."""
+    arrays = [row.numpy() for row in rows]
+    base = arrays[0]
+    weights = (weights * np.float32(scale_first)).astype(np.float32)
+    total = np.zeros_like(base)
+    for w, row in zip(weights, arrays[1:], strict=True):
+        total = total + (row - base) * w
+    if scale_after != 1.0:
+        total = total * np.float32(scale_after)
+    return total + base
+
+
+@pytest.mark.parametrize("n", [1, 1000, LINEAR_BLOCK + 123])
+def test_the_streaming_linear_merge_is_the_unfused_sum_in_order(n):
+    rows = _rows(n)
+    weights = torch.tensor(WEIGHTS)
+    plan = MergePlan(weighting="constant", scale=0.3)
+    out = torch.empty(n)
+    merged, gram, _ = _linear_piece_blocked(rows, weights, plan, ["a", "b", "c", "d"], "t", out)
+    want = _reference(rows, np.array(WEIGHTS, dtype=np.float32), 0.3, 1.0)
+    assert np.array_equal(merged.numpy().view(np.uint32), want.view(np.uint32))
+    taus = torch.stack(rows[1:]) - rows[0]
+    assert torch.allclose(gram, taus.double() @ taus.double().T, rtol=1e-5, atol=1e-12)
+
+
+def test_the_whole_tensor_linear_combine_is_the_unfused_sum_in_order():
+    rows = _rows(3 * 1000)
+    weights = torch.tensor(WEIGHTS)
+    taus = torch.stack(rows[1:]).sub_(rows[0]).reshape(len(WEIGHTS), 30, 100)
+    delta = combine(taus, weights, MergePlan(weighting="constant", scale=0.3))
+    assert delta.shape == (30, 100)
+    want = _reference(rows, np.array(WEIGHTS, dtype=np.float32), 1.0, 0.3)
+    got = delta.reshape(-1).add_(rows[0])
+    assert np.array_equal(got.numpy().view(np.uint32), want.view(np.uint32))
+
+
+_SCRIPT = """
+import hashlib, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from tests.test_linear_bytes import WEIGHTS, _rows
+from metamerge.engine.streaming import _linear_piece_blocked
+from metamerge.methods.plan import MergePlan
+torch.set_num_threads(int(sys.argv[1]))
+rows = _rows(200_001)
+out = torch.empty(200_001)
+merged, _, _ = _linear_piece_blocked(rows, torch.tensor(WEIGHTS), MergePlan(weighting="constant", scale=0.3),
+                                     ["a", "b", "c", "d"], "t", out)
+print(hashlib.sha256(merged.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_linear_merge_bytes_do_not_follow_the_kernels_or_the_thread_count():
+    """torch's default, AVX2 and native kernels, 1 and 2 threads: one set of bytes."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prints = set()
+    for capability in ("default", "avx2", None):
+        for threads in (1, 2):
+            env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+            if capability:
+                env["ATEN_CPU_CAPABILITY"] = capability
+            done = subprocess.run([sys.executable, "-c", _SCRIPT, str(threads), repo], env=env, capture_output=True,
+                                  text=True, timeout=300, cwd=repo)
+            assert done.returncode == 0, done.stderr
+            prints.add(done.stdout.strip())
+    assert len(prints) == 1, prints
