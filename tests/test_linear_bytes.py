@@ -1,8 +1,9 @@
 """Linear merges give the same bytes on every x86 CPU: Σ w τ is the fixed-order, unfused sum.
 
 A BLAS product had computed it (MKL's sgemm). Its order and fused multiply-adds follow the CPU's
-vendor: the 53 linear-merge digests of benchmarks/results/merge_digests.json, recorded on an
-Intel AVX-512 machine, all differed on an AMD AVX-512 one, while the 97 other merges matched.
+vendor: of benchmarks/results/merge_digests.json, recorded on an Intel AVX-512 machine, the 53
+files of the 18 merges whose last step was that product differed on an AMD AVX-512 one, while
+the 97 files of the TIES-style merges matched.
 The reference here is numpy, one IEEE float32 operation at a time, so a fused or reordered sum
 fails it (on machines whose BLAS fuses: the AMD one's did not).
 """
