@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from metamerge.engine.streaming import LINEAR_BLOCK, _linear_piece_blocked
-from metamerge.methods.kernels import combine
+from metamerge.engine.streaming import _linear_piece_blocked
+from metamerge.methods import native
+from metamerge.methods.kernels import LINEAR_BLOCK, combine, linear_blocked
 from metamerge.methods.plan import MergePlan
 
 WEIGHTS = [0.3, 1 / 3, 0.7111, 0.123]
@@ -52,17 +53,43 @@ def _reference(rows: list[torch.Tensor], weights: np.ndarray, scale_first: float
     return total + base
 
 
-@pytest.mark.parametrize("n", [1, 1000, LINEAR_BLOCK + 123])
-def test_the_streaming_linear_merge_is_the_unfused_sum_in_order(n):
+def _implementations() -> list:
+    found = [pytest.param(linear_blocked, id="torch")]
+    if native.use_compiled():
+        found.append(pytest.param(native.linear_kernels().linear_merge, id="compiled"))
+    return found
+
+
+@pytest.mark.parametrize("implementation", _implementations())
+@pytest.mark.parametrize("n", [1, 1000, LINEAR_BLOCK + 123, 3 * LINEAR_BLOCK + 1029])
+def test_the_linear_merge_is_the_unfused_sum_in_order(n, implementation):
     rows = _rows(n)
-    weights = torch.tensor(WEIGHTS)
-    plan = MergePlan(weighting="constant", scale=0.3)
-    out = torch.empty(n)
-    merged, gram, _ = _linear_piece_blocked(rows, weights, plan, ["a", "b", "c", "d"], "t", out)
+    scaled = torch.tensor(WEIGHTS) * 0.3
+    out = torch.full((n + 5,), 7.0)  # a reused buffer may be longer than the piece
+    gram, base_sq = implementation(rows, scaled, out)
     want = _reference(rows, np.array(WEIGHTS, dtype=np.float32), 0.3, 1.0)
-    assert np.array_equal(merged.numpy().view(np.uint32), want.view(np.uint32))
-    taus = torch.stack(rows[1:]) - rows[0]
-    assert torch.allclose(gram, taus.double() @ taus.double().T, rtol=1e-5, atol=1e-12)
+    assert np.array_equal(out[:n].numpy().view(np.uint32), want.view(np.uint32))
+    assert bool((out[n:] == 7.0).all())
+    taus = (torch.stack(rows[1:]) - rows[0]).double()  # τ is made in float32 everywhere
+    exact = taus @ taus.T
+    assert torch.allclose(gram, exact, rtol=0, atol=1e-5 * float(exact.diagonal().max()))  # float32 products
+    assert base_sq == pytest.approx(float(rows[0].double() @ rows[0].double()), rel=1e-5)
+
+
+def test_the_streaming_engine_takes_the_compiled_pass_when_it_can(monkeypatch):
+    if not native.use_compiled():
+        pytest.skip("numba is not installed")
+    calls = []
+    module = native.linear_kernels()
+    monkeypatch.setattr(module, "linear_merge", lambda *args: calls.append(1) or linear_blocked(*args))
+    rows = _rows(1000)
+    _linear_piece_blocked(rows, torch.tensor(WEIGHTS), MergePlan(weighting="constant"), list("abcd"), "t",
+                          torch.empty(1000))
+    assert calls == [1]
+    monkeypatch.setenv("METAMERGE_COMPILED", "0")
+    _linear_piece_blocked(rows, torch.tensor(WEIGHTS), MergePlan(weighting="constant"), list("abcd"), "t",
+                          torch.empty(1000))
+    assert calls == [1]
 
 
 def test_the_whole_tensor_linear_combine_is_the_unfused_sum_in_order():
@@ -93,16 +120,22 @@ print(hashlib.sha256(merged.numpy().tobytes()).hexdigest())
 
 
 def test_linear_merge_bytes_do_not_follow_the_kernels_or_the_thread_count():
-    """torch's default, AVX2 and native kernels, 1 and 2 threads: one set of bytes."""
+    """torch's default, AVX2 and native kernels with 1 and 2 threads; the compiled pass for numba
+    targets x86-64 (SSE2), haswell (AVX2 + FMA) and this machine's, and the torch fallback: one set of bytes."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = [(capability, None, threads, "0") for capability in ("default", "avx2", None) for threads in (1, 2)]
+    if native.use_compiled():
+        runs += [(None, cpu, threads, "1") for cpu in ("x86-64", "haswell", None) for threads in (1, 2)]
     prints = set()
-    for capability in ("default", "avx2", None):
-        for threads in (1, 2):
-            env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-            if capability:
-                env["ATEN_CPU_CAPABILITY"] = capability
-            done = subprocess.run([sys.executable, "-c", _SCRIPT, str(threads), repo], env=env, capture_output=True,
-                                  text=True, timeout=300, cwd=repo)
-            assert done.returncode == 0, done.stderr
-            prints.add(done.stdout.strip())
+    for capability, cpu, threads, compiled in runs:
+        env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME")}
+        env["METAMERGE_COMPILED"] = compiled
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        if cpu:
+            env["NUMBA_CPU_NAME"] = cpu
+        done = subprocess.run([sys.executable, "-c", _SCRIPT, str(threads), repo], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=repo)
+        assert done.returncode == 0, done.stderr
+        prints.add(done.stdout.strip())
     assert len(prints) == 1, prints

@@ -32,7 +32,8 @@ from metamerge.engine.writer import (
 from metamerge.errors import CheckpointError
 from metamerge.faults import hang_point
 from metamerge.methods import ties
-from metamerge.methods.kernels import chunked, combine, sparsify_, weighted_sum_
+from metamerge.methods.kernels import chunked, combine, linear_blocked, sparsify_
+from metamerge.methods.native import linear_kernels, use_compiled
 from metamerge.methods.plan import MergePlan
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,32 +111,19 @@ def _require_finite(gram: torch.Tensor, base_sq: float, labels: list[str], name:
         raise CheckpointError(f"fine-tune {', '.join(repr(b) for b in bad)}: tensor {name!r} contains NaN or Inf")
 
 
-LINEAR_BLOCK = 1 << 16
-
-
 def _linear_piece_blocked(
     rows: list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str], name: str, out: torch.Tensor,
     base_label: str = "base",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Linear merges in cache-sized column blocks: τ, the gram and θ₀ + Σ w τ touch memory once.
-
-    The rows are only read (they may be mapped files): τ of a block goes to a scratch block.
-    """
-    count, n = len(rows) - 1, rows[0].numel()
-    gram = torch.zeros((count, count), dtype=torch.float64)
-    base_sq = 0.0
+    """Linear merges in one pass over the rows (compiled, `methods/linear_kernels.py`) or in torch's
+    cache-sized blocks (`kernels.linear_blocked`): the same floats. The rows are only read (they
+    may be mapped files)."""
     scaled = weights * plan.scale
-    scratch = torch.empty((count, min(n, LINEAR_BLOCK)))
-    for start in range(0, n, LINEAR_BLOCK):
-        base = rows[0][start : start + LINEAR_BLOCK]
-        taus = scratch[:, : base.numel()]
-        for t in range(count):
-            torch.sub(rows[t + 1][start : start + LINEAR_BLOCK], base, out=taus[t])
-        base_sq += float(torch.dot(base, base))
-        gram += (taus @ taus.T).double()
-        weighted_sum_(taus, scaled, out=out[start : start + LINEAR_BLOCK]).add_(base)
+    compiled = use_compiled() and all(r.dtype == torch.float32 and r.is_contiguous() and r.device.type == "cpu"
+                                      for r in rows)
+    gram, base_sq = (linear_kernels().linear_merge if compiled else linear_blocked)(rows, scaled, out)
     _require_finite(gram, base_sq, labels, name, base_label)
-    return out[:n], gram, base_sq
+    return out[: rows[0].numel()], gram, base_sq
 
 
 class MergeJob:

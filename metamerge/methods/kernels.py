@@ -158,6 +158,28 @@ def weighted_sum_(taus: torch.Tensor, weights: torch.Tensor, out: torch.Tensor |
     return _in_order(taus, out=out)
 
 
+LINEAR_BLOCK = 1 << 16
+
+
+def linear_blocked(rows: list[torch.Tensor], weights: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """out[:n] = θ₀ + Σ w τ in cache-sized column blocks, so τ, the gram and the sum touch memory
+    once; returns (gram [T, T] float64, ‖θ₀‖²). The rows are only read: τ goes to a scratch block.
+    The torch twin of `linear_kernels.linear_merge` (the fallback, and its reference)."""
+    count, n = len(rows) - 1, rows[0].numel()
+    gram = torch.zeros((count, count), dtype=torch.float64)
+    base_sq = 0.0
+    scratch = torch.empty((count, min(n, LINEAR_BLOCK)))
+    for start in range(0, n, LINEAR_BLOCK):
+        base = rows[0][start : start + LINEAR_BLOCK]
+        taus = scratch[:, : base.numel()]
+        for t in range(count):
+            torch.sub(rows[t + 1][start : start + LINEAR_BLOCK], base, out=taus[t])
+        base_sq += float(torch.dot(base, base))
+        gram += (taus @ taus.T).double()
+        weighted_sum_(taus, weights, out=out[start : start + base.numel()]).add_(base)
+    return gram, base_sq
+
+
 def _in_order(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(((+0 + rows[0]) + rows[1]) + …): a sum over dim 0 whose order is fixed by this code."""
     total = torch.add(rows[0], 0.0, out=out)

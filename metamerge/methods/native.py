@@ -30,6 +30,13 @@ def ties_kernels() -> types.ModuleType:
     return compiled
 
 
+def linear_kernels() -> types.ModuleType:
+    """`methods/linear_kernels.py`: the linear merge's one pass."""
+    from metamerge.methods import linear_kernels as module
+
+    return module
+
+
 def norm_kernels() -> types.ModuleType:
     """`methods/norm_kernels.py`: the norm pass's square sums."""
     from metamerge.methods import norm_kernels as module
