@@ -9,7 +9,7 @@ On the benchmark family (benchmarks/merge_throughput.py) with 16 fine-tunes, for
   * rss_bound_mb: the documented bound R0 + 2·(T+2)·chunk + T·block + 2·stack: two alternating
     workspaces of T+1 input rows and one result row, chunk = 32 MB of float32
     (metamerge.engine.checkpoint.CHUNK_ELEMENTS), the linear kernel's τ scratch of T rows of
-    one block (streaming.LINEAR_BLOCK floats, 0.25 MB each), the reader's and the writer's
+    one block (kernels.LINEAR_BLOCK floats, 0.25 MB each), the reader's and the writer's
     thread stacks (8 MB each, Linux's default), and R0 the process's RSS before merging.
 Results: benchmarks/results/scaling_t.json and the plot benchmarks/results/scaling_t.png.
 """
@@ -36,7 +36,7 @@ from benchmarks.merge_throughput import (  # noqa: E402
     ours,
     write_model,
 )
-from metamerge.engine.streaming import LINEAR_BLOCK  # noqa: E402
+from metamerge.methods.kernels import LINEAR_BLOCK  # noqa: E402
 
 CHUNK_MB = (1 << 23) * 4 / 2**20
 THREAD_STACK_MB = 8.0
@@ -63,6 +63,10 @@ def peak_rss(base: Path, fts: list[Path], out: Path, work: Path) -> tuple[float,
             # everything the merge imports, so that R0 is the process before merging, not before importing
             "import metamerge.engine.merge, metamerge.pipeline.extract, metamerge.pipeline.inputs, "
             "metamerge.pipeline.solve, metamerge.recipe, metamerge.methods.registry\n"
+            # and the compiled linear pass, loaded by one tiny call (numba, LLVM and the machine code
+            # from numba's cache: about 110 MB of code, the same at any T, not the merge's data)
+            "import torch\nfrom metamerge.methods.native import linear_kernels, use_compiled\n"
+            "if use_compiled(): linear_kernels().linear_merge([torch.zeros(1)] * 2, torch.ones(1), torch.empty(1))\n"
             "def rss(key): return [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)][0] / 1024\n"
             "before = rss('VmRSS')\n"
             f"ours(Path({str(base)!r}), [Path(p) for p in {[str(p) for p in fts]!r}], 'task_arithmetic', "
