@@ -151,8 +151,9 @@ def weighted_sum_(taus: torch.Tensor, weights: torch.Tensor, out: torch.Tensor |
 
     Not a BLAS product: its order and fused multiply-adds follow the CPU's vendor, not only its
     vector width. MKL's float32 product gave different merged bytes on an Intel and an AMD
-    AVX-512 machine (53 of 150 digests, every linear merge), while TIES' sums, done this way,
-    were the same. Elementwise products and adds are IEEE operations on every CPU and kernel.
+    AVX-512 machine (53 of 150 digested files: every merge whose last step it was), while TIES'
+    sums, done this way, were the same. Elementwise products and adds are IEEE operations on
+    every CPU and kernel.
     """
     taus.mul_(weights.reshape(-1, *([1] * (taus.dim() - 1))).to(taus.dtype))
     return _in_order(taus, out=out)
