@@ -166,6 +166,38 @@ def test_merge_modules_import_without_numba():
     _fresh_python(code)
 
 
+def test_a_local_merge_needs_no_s3_client(tmp_path):
+    """boto3 loads only where a model or a publish is in S3: a GPU host or a laptop merging local
+    folders needs neither the package nor its start-up. The merge in a process that cannot import
+    boto3 writes the bytes of one that can."""
+    from metamerge.engine.coefficients import solve_constant
+    from metamerge.engine.merge import merge_checkpoints
+    from metamerge.methods.plan import MergePlan
+    from tests.helpers import random_family
+
+    base_dir, ft_dirs, _, _ = random_family(tmp_path)
+    labels = [f"ft{i}" for i in range(len(ft_dirs))]
+    merge_checkpoints(base_dir, list(zip(labels, ft_dirs, strict=True)), solve_constant(labels, 0.3, "task_arithmetic"),
+                      MergePlan(weighting="constant", weight=0.3), tmp_path / "with_boto3")
+    code = (
+        "import sys\n"
+        "sys.modules.update({'boto3': None, 'botocore': None})  # import boto3 now raises ImportError\n"
+        "from pathlib import Path\n"
+        "from metamerge.engine.coefficients import solve_constant\n"
+        "from metamerge.engine.merge import merge_checkpoints\n"
+        "from metamerge.methods.plan import MergePlan\n"
+        f"labels = {labels!r}\n"
+        f"merge_checkpoints(Path({str(base_dir)!r}), list(zip(labels, [Path(p) for p in {[str(d) for d in ft_dirs]!r}])),\n"
+        "                  solve_constant(labels, 0.3, 'task_arithmetic'), MergePlan(weighting='constant', weight=0.3),\n"
+        f"                  Path({str(tmp_path / 'without_boto3')!r}))\n"
+    )
+    _fresh_python(code)
+    written = sorted(p.name for p in (tmp_path / "with_boto3").glob("*.safetensors"))
+    assert written
+    for name in written:
+        assert (tmp_path / "without_boto3" / name).read_bytes() == (tmp_path / "with_boto3" / name).read_bytes()
+
+
 def test_installing_puts_no_generic_top_level_name_in_site_packages():
     """`tasks`, `flows` and `deployments` exist only as metamerge_prefect's subpackages once installed."""
     code = (

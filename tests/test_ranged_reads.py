@@ -54,7 +54,6 @@ def test_coalesce_merges_touching_reads_and_caps_each_request():
 @pytest.mark.parametrize("header_guess", [ranged.HEADER_GUESS, 16])
 def test_remote_reader_reads_what_the_local_reader_reads(tmp_path, s3_endpoint, bucket, monkeypatch, header_guess):
     monkeypatch.setattr(ranged, "HEADER_GUESS", header_guess)  # 16: every header takes a second GET
-    monkeypatch.setattr("metamerge.engine.remote.HEADER_GUESS", header_guess)
     base_dir, *_ = random_family(tmp_path, n_finetunes=1, hidden=64)
     sharded = tmp_path / "sharded"
     from tests.helpers import write_checkpoint

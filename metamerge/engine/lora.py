@@ -22,7 +22,7 @@ from safetensors import safe_open
 from metamerge.engine.checkpoint import CheckpointReader, TensorInfo
 from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.errors import CheckpointError
-from metamerge.io.ranged import RemoteModel
+from metamerge.io.remote_model import RemoteModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metamerge.engine.checkpoint import (
     INDEX_NAME,
@@ -20,9 +21,22 @@ from metamerge.engine.checkpoint import (
     parse_header,
 )
 from metamerge.errors import CheckpointError
-from metamerge.io.ranged import HEADER_GUESS, Prefetcher, RemoteModel, coalesce, get_range
+from metamerge.io.remote_model import RemoteModel
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from metamerge.io.ranged import Prefetcher
 
 ModelSource = Path | RemoteModel  # where an engine function reads a model from
+
+
+def _ranged() -> ModuleType:
+    """`io/ranged.py`, imported on the first remote read: it brings boto3, which a merge of local
+    folders never uses (and a GPU host need not have)."""
+    from metamerge.io import ranged
+
+    return ranged
 
 
 class RemoteCheckpointReader(CheckpointReader):
@@ -36,7 +50,7 @@ class RemoteCheckpointReader(CheckpointReader):
     def _shard_files(self) -> list[str]:
         files = self.model.files
         if INDEX_NAME in files:
-            raw = get_range(self.model, INDEX_NAME, 0, files[INDEX_NAME].size)
+            raw = _ranged().get_range(self.model, INDEX_NAME, 0, files[INDEX_NAME].size)
             try:
                 shards = sorted(set(json.loads(raw)["weight_map"].values()))
             except (ValueError, KeyError, TypeError) as exc:
@@ -52,23 +66,24 @@ class RemoteCheckpointReader(CheckpointReader):
 
     def _header(self, file: str) -> tuple[int, dict[str, TensorInfo], dict[str, tuple[int, int]]]:
         size = self.model.files[file].size
-        first = get_range(self.model, file, 0, min(HEADER_GUESS, size)) if size else b""
+        ranged = _ranged()
+        first = ranged.get_range(self.model, file, 0, min(ranged.HEADER_GUESS, size)) if size else b""
         length = header_length(first, size, self.label, file)
         raw = first[8 : 8 + length]
         if len(raw) < length:  # a header larger than the guess: one more GET for the rest
-            raw += get_range(self.model, file, len(first), 8 + length)
+            raw += ranged.get_range(self.model, file, len(first), 8 + length)
         return parse_header(raw, size, self.label, file)
 
     def expect(self, reads: list[tuple[str, tuple[int, int] | None]]) -> None:
         if self.prefetcher is not None:
             self.prefetcher.close()
         ranges = [self.byte_range(name, rows) for name, rows in reads if name in self]
-        self.prefetcher = Prefetcher(self.model, coalesce(ranges))
+        self.prefetcher = _ranged().Prefetcher(self.model, _ranged().coalesce(ranges))
 
     def _read_range(self, name: str, file: str, begin: int, view: memoryview) -> None:
         if self.prefetcher is not None and self.prefetcher.take(file, begin, view):
             return
-        view[:] = get_range(self.model, file, begin, begin + len(view))
+        view[:] = _ranged().get_range(self.model, file, begin, begin + len(view))
 
     def close(self) -> None:
         if self.prefetcher is not None:

@@ -23,7 +23,7 @@ from metamerge.engine.pieces import can_map, read_f32
 from metamerge.engine.prefetch import read_ahead
 from metamerge.engine.remote import ModelSource, open_checkpoint
 from metamerge.errors import CheckpointError
-from metamerge.io.ranged import RemoteModel
+from metamerge.io.remote_model import RemoteModel
 from metamerge.methods.kernels import chunked
 from metamerge.methods.norms import base_and_difference_sq_norms, one_thread, sq_norm, sq_norm_after_sparsify
 from metamerge.methods.plan import MergePlan

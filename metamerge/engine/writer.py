@@ -18,7 +18,7 @@ import torch
 
 from metamerge.engine.checkpoint import DTYPE_CODES, INDEX_NAME, SINGLE_NAME, CheckpointReader, TensorInfo, read_header
 from metamerge.errors import CheckpointError
-from metamerge.io.ranged import RemoteModel, get_range
+from metamerge.io.remote_model import RemoteModel
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -189,6 +189,8 @@ def copy_aux_files(source_dir: Path | RemoteModel, out_dir: Path) -> list[str]:
     """Config, tokenizer and generation files come from the base (a folder, or in S3): a merge changes only weights."""
     copied = []
     if isinstance(source_dir, RemoteModel):
+        from metamerge.io.ranged import get_range  # S3's client only where a model is in S3
+
         for name in sorted(n for n in source_dir.files if is_aux_file(n)):
             (out_dir / name).write_bytes(get_range(source_dir, name, 0, source_dir.files[name].size)
                                          if source_dir.files[name].size else b"")

@@ -19,33 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from metamerge.errors import InputError, TransientError
+from metamerge.io.remote_model import RemoteModel
 from metamerge.io.s3 import S3_FAILURES, ClientError, error_code, s3_client, s3_error
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # one GET: large enough to stream at full speed, small enough to hold a few
 IN_FLIGHT = 2  # requests fetched ahead per model: memory ≤ IN_FLIGHT × MAX_REQUEST_BYTES per input
 HEADER_GUESS = 64 * 1024  # first GET of a file: the 8-byte length plus, nearly always, the whole header
-
-
-@dataclass(frozen=True)
-class S3File:
-    key: str
-    etag: str
-    size: int
-
-
-@dataclass(frozen=True)
-class RemoteModel:
-    """A model in S3 read in place: its files as listed once by this run (key, ETag, size)."""
-
-    ref: str
-    bucket: str
-    files: dict[str, S3File]
-    fingerprint: str
-    endpoint_url: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.ref
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from metamerge.errors import InputError, RefError, TransientError
 from metamerge.io.digests import sha256_file
-from metamerge.io.ranged import RemoteModel, S3File
+from metamerge.io.remote_model import RemoteModel, S3File
 from metamerge.io.s3 import S3_FAILURES
 from metamerge.refs.resolved import CHECKPOINT_SUFFIXES, ResolvedModel
 

@@ -1,0 +1,29 @@
+"""A model in S3 as a run listed it: plain data, so that code which only names remote models
+(type hints, `isinstance`) imports no S3 client. A local merge then needs neither boto3 nor its
+start-up; `io/ranged.py` reads the bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class S3File:
+    key: str
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    """A model in S3 read in place: its files as listed once by this run (key, ETag, size)."""
+
+    ref: str
+    bucket: str
+    files: dict[str, S3File]
+    fingerprint: str
+    endpoint_url: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.ref
