@@ -16,10 +16,9 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from metamerge.errors import InputError, TransientError
-from metamerge.io.remote_model import RemoteModel
+from metamerge.io.remote_model import FETCHED, RemoteModel
 from metamerge.io.s3 import S3_FAILURES, ClientError, error_code, s3_client, s3_error
 
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # one GET: large enough to stream at full speed, small enough to hold a few
@@ -27,21 +26,6 @@ IN_FLIGHT = 2  # requests fetched ahead per model: memory ≤ IN_FLIGHT × MAX_R
 HEADER_GUESS = 64 * 1024  # first GET of a file: the 8-byte length plus, nearly always, the whole header
 
 
-@dataclass
-class FetchCounter:
-    """Bytes and requests a process fetched by range: what benchmarks and tests compare."""
-
-    bytes: int = 0
-    requests: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, count: int) -> None:
-        with self.lock:
-            self.bytes += count
-            self.requests += 1
-
-
-FETCHED = FetchCounter()  # this process's total, across models
 
 
 _clients: dict[tuple, object] = {}

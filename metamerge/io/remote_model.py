@@ -4,7 +4,8 @@ start-up; `io/ranged.py` reads the bytes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -27,3 +28,20 @@ class RemoteModel:
     @property
     def label(self) -> str:
         return self.ref
+
+
+@dataclass
+class FetchCounter:
+    """Bytes and requests a process fetched by range: what benchmarks and tests compare."""
+
+    bytes: int = 0
+    requests: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, count: int) -> None:
+        with self.lock:
+            self.bytes += count
+            self.requests += 1
+
+
+FETCHED = FetchCounter()  # this process's total, across models

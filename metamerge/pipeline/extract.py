@@ -19,7 +19,7 @@ from metamerge.engine.taskvectors import (
 )
 from metamerge.errors import writing
 from metamerge.io.atomic import write_atomic
-from metamerge.io.ranged import FETCHED, RemoteModel
+from metamerge.io.remote_model import FETCHED, RemoteModel
 from metamerge.io.shared import SharedStore
 from metamerge.methods.plan import MergePlan
 from metamerge.pipeline.inputs import input_source, reads_in_place, shared_store

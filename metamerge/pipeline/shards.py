@@ -21,8 +21,7 @@ from metamerge.errors import writing
 from metamerge.io import outputs
 from metamerge.io.atomic import write_once
 from metamerge.io.digests import fingerprint_dir, fingerprint_of
-from metamerge.io.ranged import FETCHED
-from metamerge.io.remote_model import RemoteModel, S3File
+from metamerge.io.remote_model import FETCHED, RemoteModel, S3File
 from metamerge.io.shared import SharedStore
 from metamerge.methods.registry import plan_for
 from metamerge.pipeline.inputs import digest_cache, input_source, reads_in_place, shared_store
