@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="default,large")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--methods", default="task_arithmetic,metagpt,ties")
+    parser.add_argument("--devices", default="cpu,cuda")
     parser.add_argument("--work", type=Path, default=ROOT / "work")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu_merge.json")
     args = parser.parse_args()
@@ -65,8 +66,9 @@ def main() -> None:
         row["io_floor_s"] = min(io_floor([base, *fts], out / "floor") for _ in range(args.repeats))
         row["h2d_pageable_s"] = min(h2d_seconds(input_bytes, False) for _ in range(args.repeats))
         row["h2d_pinned_s"] = min(h2d_seconds(input_bytes, True) for _ in range(args.repeats))
-        row["ours_s"] = {"cpu": {}, "cuda": {}}
-        for device in ("cpu", "cuda"):
+        devices = args.devices.split(",")
+        row["ours_s"] = {device: {} for device in devices}
+        for device in devices:
             for method in args.methods.split(","):
                 row["ours_s"][device][method] = round(min(
                     ours(base, fts, method, out / f"{device}-{method}", args.work, device=device)

@@ -26,10 +26,8 @@ def test_auto_device_is_cuda_when_there_is_one_else_cpu():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-@pytest.mark.parametrize("method", sorted(PLANS))
-def test_cuda_equals_cpu(tmp_path, method):
-    base_dir, ft_dirs, base, fts = random_family(tmp_path, dtype=torch.bfloat16, layers=3)
+def _merged_on_cpu_and_cuda(tmp_path, method: str, **family) -> dict[str, dict[str, torch.Tensor]]:
+    base_dir, ft_dirs, base, fts = random_family(tmp_path, **family)
     plan = PLANS[method]
     if plan.weighting == "metagpt":
         norms = {n: {k: float(torch.sum((ft[k].double() - base[k].double()) ** 2)) for k in base
@@ -48,7 +46,31 @@ def test_cuda_equals_cpu(tmp_path, method):
     assert outs["cpu"] and set(outs["cuda"]) == set(outs["cpu"]) == set(base)
     for k in outs["cpu"]:
         assert outs["cuda"][k].dtype == outs["cpu"][k].dtype, k
+    return outs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("method", sorted(PLANS))
+def test_cuda_equals_cpu(tmp_path, method):
+    """bfloat16 inputs: read and converted into the pinned buffer."""
+    outs = _merged_on_cpu_and_cuda(tmp_path, method, dtype=torch.bfloat16, layers=3)
+    for k in outs["cpu"]:
         torch.testing.assert_close(outs["cuda"][k].float(), outs["cpu"][k].float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("chunk", [1 << 23, 64])
+@pytest.mark.parametrize("method", ["metagpt", "ties", "dare"])
+def test_cuda_equals_cpu_from_mapped_float32(tmp_path, monkeypatch, method, chunk):
+    """float32 inputs: mapped, and staged to the GPU through the pinned buffer (`stage_to_device`).
+    A 64-entry chunk makes every row chunk fit it and every whole tensor (TIES) go through it in
+    segments. Same float32 arithmetic on both devices: equal to float32 rounding."""
+    from metamerge.engine import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", chunk)
+    outs = _merged_on_cpu_and_cuda(tmp_path, method, layers=2, hidden=40)
+    for k in outs["cpu"]:
+        torch.testing.assert_close(outs["cuda"][k], outs["cpu"][k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
