@@ -62,9 +62,9 @@ def test_cuda_equals_cpu(tmp_path, method):
 @pytest.mark.parametrize("chunk", [1 << 23, 64])
 @pytest.mark.parametrize("method", ["metagpt", "ties", "dare"])
 def test_cuda_equals_cpu_from_mapped_float32(tmp_path, monkeypatch, method, chunk):
-    """float32 inputs: mapped, and staged to the GPU through the pinned buffer (`stage_to_device`).
-    A 64-entry chunk makes every row chunk fit it and every whole tensor (TIES) go through it in
-    segments. Same float32 arithmetic on both devices: equal to float32 rounding."""
+    """float32 inputs: mapped, and staged to the GPU through the pinned workspace (`stage_to_device`).
+    With 64-entry chunks, TIES' whole tensors are wider than the workspace and are read into
+    pinned tensors of their own. Same float32 arithmetic on both devices: equal to float32 rounding."""
     from metamerge.engine import checkpoint
 
     monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", chunk)
