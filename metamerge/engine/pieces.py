@@ -154,7 +154,7 @@ class PieceReader:
         n = math.prod(self.base.piece_shape(name, rows))
         sources = [(self.base, rows)] + [(r, aligned_rows(a, name, rows)) for r, a in self.finetunes]
         on_host = self.device.type == "cpu"
-        if self.maps and (self.reads_only(n) or (not on_host and n <= workspace.capacity)):
+        if self.maps and (self.reads_only(n) if on_host else n <= workspace.capacity):
             mapped = [reader.mapped_f32(name, piece_rows) for reader, piece_rows in sources]
             if all(row is not None for row in mapped):
                 if n <= CHUNK_ELEMENTS:
