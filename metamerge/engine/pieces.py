@@ -77,13 +77,14 @@ def stage_to_device(rows: list[torch.Tensor], staging: torch.Tensor, device: tor
     """[len(rows), n] on `device`, copied from host rows (mapped files) through `staging`, the
     pinned [rows, capacity] workspace (n ≤ capacity).
 
-    The GPU path used to `read` every input into the pinned buffer, one kernel copy per row on
-    the loading thread. torch's copy from a mapping is spread over the intra-op threads, and the
-    packed pinned rows go to the GPU at the copy engine's speed. H100 host, same run (issue 18):
-    task arithmetic on 6 GB of inputs 1.015 → 0.878 s, MetaGPT 1.275 → 1.177 s; 2 GB unchanged.
-    Whole tensors above the workspace (TIES) are still read into a pinned tensor of their own:
-    sent through the workspace a segment at a time they were slower (1.18 → 1.54 s, 2.98 →
-    3.17 s), their pages faulting in one by one under the parallel copy.
+    The GPU path used to `read` every input into the strided workspace view, one kernel copy per
+    row on the loading thread, and `.to(cuda)` of a strided view copies it once more into pageable
+    memory first. torch's copy from a mapping is spread over the intra-op threads, and packed
+    pinned rows go to the GPU at the copy engine's speed. H100 host, 16 cores, one run
+    (`benchmarks/results/gpu_merge.json` against `gpu_merge_before_staging.json`): task
+    arithmetic 0.94 → 0.35 s on 2.1 GB of inputs and 2.45 → 0.89 s on 6.0 GB; TIES 1.48 → 1.16 s
+    and 4.16 → 3.29 s. Whole tensors above the workspace (TIES) are read into a pinned tensor of
+    their own: the only copy they get.
     """
     packed = packed_rows(staging, len(rows), rows[0].numel())
     for target, row in zip(packed, rows, strict=True):
