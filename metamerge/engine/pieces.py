@@ -134,10 +134,11 @@ class PieceReader:
     `reads_only(n)` says whether the merge of an n-entry piece only reads its inputs: then, on
     the CPU and when every input maps, the piece is a list of mapped rows; otherwise a [T+1, n]
     tensor in the workspace. For CUDA it is a [T+1, n] tensor on the GPU: from the mappings
-    through the pinned workspace where every input maps (`stage_to_device`), else read into it. Mapped rows of a piece up to a chunk
-    have their pages mapped on the loading thread (`populate`), while the merge computes the
-    piece before; a bigger piece (a whole tensor, for TIES) faults in as it is used, so that two
-    of them are never resident at once.
+    through the pinned workspace where every input maps and the piece fits (`stage_to_device`),
+    else read into it. Mapped rows of a piece up to a chunk have their pages mapped on the
+    loading thread (`populate`), while the merge computes the piece before; a bigger piece (a
+    whole tensor, for TIES) faults in as it is used, so that two of them are never resident at
+    once.
     """
 
     def __init__(self, base: CheckpointReader, finetunes: list[tuple[CheckpointReader | LoraReader, Alignment]],
