@@ -78,7 +78,8 @@ class RemoteCheckpointReader(CheckpointReader):
         if self.prefetcher is not None:
             self.prefetcher.close()
         ranges = [self.byte_range(name, rows) for name, rows in reads if name in self]
-        self.prefetcher = _ranged().Prefetcher(self.model, _ranged().coalesce(ranges))
+        ranged = _ranged()
+        self.prefetcher = ranged.Prefetcher(self.model, ranged.coalesce(ranges))
 
     def _read_range(self, name: str, file: str, begin: int, view: memoryview) -> None:
         if self.prefetcher is not None and self.prefetcher.take(file, begin, view):

@@ -1,6 +1,7 @@
-"""A model in S3 as a run listed it: plain data, so that code which only names remote models
-(type hints, `isinstance`) imports no S3 client. A local merge then needs neither boto3 nor its
-start-up; `io/ranged.py` reads the bytes."""
+"""A model in S3 as a run listed it, and the process's count of bytes fetched by range: plain
+data, so that code which only names remote models (type hints, `isinstance`) or reports the
+count imports no S3 client. A local merge then needs neither boto3 nor its start-up;
+`io/ranged.py` reads the bytes and adds to the count."""
 
 from __future__ import annotations
 
