@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metamerge.methods import compiled, selection, ties
+from metamerge.methods import compiled, selection, ties, ties_bands
 from metamerge.methods.kernels import combine, elect_and_combine, sparsify_
 from metamerge.methods.plan import MergePlan
 
@@ -214,7 +214,7 @@ def test_a_scratch_row_that_overflows_leaves_its_neighbours_intact(monkeypatch, 
             else:
                 at = block * ties.BLOCK + torch.randperm(ties.BLOCK, generator=gen)[:count]
             rows[t + 1][at] = 1.0 + torch.rand(count, generator=gen)  # distinct values inside [1, 2)
-    _, _, above, bands = compiled.first_pass(rows, lo, hi)
+    _, _, above, bands = ties_bands.first_pass(rows, lo, hi)
     for t in range(3):
         magnitudes = (rows[t + 1] - rows[0]).abs()
         inside = (magnitudes >= 1.0) & (magnitudes <= 2.0)
@@ -235,7 +235,7 @@ def test_the_gram_summed_run_by_run_is_the_whole_blocks_dot(passes):
     taus = [(row - rows[0]).numpy() for row in rows[1:]]
     want = torch.tensor([[compiled._dot(x, y) for y in taus] for x in taus], dtype=torch.float64)
     lo, hi = torch.full((3, 1), 1e-3), torch.full((3, 1), 2e-3)
-    gram, base_sq, _, _ = compiled.first_pass(rows, lo, hi)
+    gram, base_sq, _, _ = ties_bands.first_pass(rows, lo, hi)
     assert torch.equal(gram, want) and base_sq == compiled._dot(rows[0].numpy(), rows[0].numpy())
     floors, cuts = torch.full((3, 1), 1e-3), torch.full((3,), ties.BLOCK, dtype=torch.int64)
     _, again, base_again = compiled.second_pass(rows, floors, cuts, torch.ones(3), 1.0, True,

@@ -9,7 +9,7 @@ import pytest
 from metamerge.engine.coefficients import solve_constant
 from metamerge.engine.merge import merge_checkpoints
 from metamerge.engine.thresholds import ThresholdCache
-from metamerge.methods import compiled, ties
+from metamerge.methods import compiled, ties, ties_bands
 from tests.helpers import TIES_LABELS, random_family, safetensors_bytes, ties_family, ties_plan
 
 PLAN = ties_plan()
@@ -104,12 +104,12 @@ def test_a_new_fine_tune_is_selected_alone(family, tmp_path, monkeypatch):
     first pass over the base and itself only; the merge is that of a plain three-way merge."""
     _merge(family, tmp_path / "yesterday", _cache(tmp_path, count=2), count=2)
     passes = []
-    first_pass = compiled.first_pass
-    monkeypatch.setattr(compiled, "first_pass", lambda rows, lo, hi: passes.append(len(rows)) or first_pass(rows, lo, hi))
+    first_pass = ties_bands.first_pass
+    monkeypatch.setattr(ties_bands, "first_pass", lambda rows, lo, hi: passes.append(len(rows)) or first_pass(rows, lo, hi))
     today = _merge(family, tmp_path / "today", _cache(tmp_path))
     assert passes == [2, 2]  # base + the new fine-tune, for each of the two big tensors
     assert (today.ties_tensors, today.ties_selected) == (2, 2)
-    monkeypatch.setattr(compiled, "first_pass", first_pass)
+    monkeypatch.setattr(ties_bands, "first_pass", first_pass)
     _merge(family, tmp_path / "plain", None)
     assert _bytes(tmp_path / "today") == _bytes(tmp_path / "plain")
     assert len(ThresholdCache(tmp_path / "trims", ["key-ft2"]).known[0]) == 2  # learned for tomorrow

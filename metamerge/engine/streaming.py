@@ -8,6 +8,7 @@ and writing overlaps with the next read. Peak memory is a few tensors, never the
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -67,7 +68,7 @@ def _reads_only(plan: MergePlan) -> Callable[[int], bool]:
 
 def _merge_piece(
     stacked: torch.Tensor | list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str],
-    name: str, part: int, out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base",
+    name: str, part: int, out: ties.Out, seed_name: str | None = None, base_label: str = "base",
     shape: tuple[int, ...] = (), trims: ThresholdCache | None = None, ahead: ties.Brackets | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64; ‖θ₀ piece‖²).
@@ -77,10 +78,14 @@ def _merge_piece(
     `shape` is the piece's shape: DELLA ranks within its rows, Iso-C treats a 2-D one as a matrix.
     `trims`: TIES trims remembered between merges (whole tensors only), and where to learn them.
     `ahead`: TIES brackets made on the read-ahead thread (`ties.brackets_ahead`).
+    `out`: the result's buffer, or a function that waits for it (asked for by TIES after its first pass).
     """
+    fused = ties.fused(plan, stacked[0].numel(), stacked[0].device)
+    if callable(out) and not fused:
+        out = out()
     if plan.linear and out is not None:
         return _linear_piece_blocked(list(stacked), weights, plan, labels, name, out, base_label)
-    if ties.fused(plan, stacked[0].numel(), stacked[0].device):
+    if fused:
         return ties.ties_piece(stacked, weights, plan, out,
                                lambda gram, base_sq: _require_finite(gram, base_sq, labels, name, base_label),
                                trims.trims(name) if trims is not None else None,
@@ -186,7 +191,10 @@ def stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes: 
                  hang_at: str) -> _Totals:
     """Reads, merges and writes every piece of `work` in order, overlapping read, compute and write."""
     if job.device.type != "cpu" or not job.plan.linear:  # TIES & co. are compute-bound: every core helps
-        return _stream_merge(job, work, writer, total_bytes, progress, hang_at)
+        try:
+            return _stream_merge(job, work, writer, total_bytes, progress, hang_at)
+        finally:
+            ties.release_buffers()
     previous = torch.get_num_threads()
     torch.set_num_threads(compute_threads())
     try:
@@ -237,10 +245,8 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
                 out = None
                 if compute_device.type == "cpu" and n <= workspace.capacity:
                     out = workspace.result[:n]
-                elif compute_device.type == "cpu":  # a whole tensor (TIES & co.): its write must be done first
-                    if pending_write is not None:
-                        pending_write.result()
-                    out = whole.take(n)
+                elif compute_device.type == "cpu":  # a whole tensor (TIES & co.): once the previous write is done
+                    out = functools.partial(_after_write, pending_write, whole, n)
                 result32, gram, base_sq = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
                                                        rows[0] if rows else 0, out, aliases.get(info.name),
                                                        job.base_label, tuple(shape),
@@ -272,6 +278,14 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
         if pending_write is not None:
             pending_write.result()
     return totals
+
+
+def _after_write(write: Future | None, whole: WholeResult, n: int) -> torch.Tensor:
+    """The whole-tensor buffer once the write that may still read it is done: TIES asks after its first
+    pass, so the LM head's write runs beside the embedding's (waiting first cost 33 ms per merge)."""
+    if write is not None:
+        write.result()
+    return whole.take(n)
 
 
 def _expect_reads(job: MergeJob, work: list) -> None:

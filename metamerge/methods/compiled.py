@@ -228,52 +228,8 @@ if AVAILABLE:
                 _mirror(gram[b])
 
 
-class Bands:
-    """Each fine-tune's in-bracket |τ| in position order, and where each block's part ends."""
-
-    def __init__(self, values: torch.Tensor, ends: np.ndarray):
-        self.values, self.ends = values, ends
-
-    def all(self) -> torch.Tensor:
-        return self.values
-
-    def block(self, index: int) -> torch.Tensor:
-        return self.values[(int(self.ends[index - 1]) if index else 0) : int(self.ends[index])]
-
-
-def first_pass(rows: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor
-               ) -> tuple[torch.Tensor, float, list[int], list[Bands]]:
-    """The gram (float64), ‖θ₀‖², and per fine-tune: |τ| above hi, and the band lo ≤ |τ| ≤ hi."""
-    count, n = len(rows) - 1, rows[0].numel()
-    blocks = (n + BLOCK - 1) // BLOCK
-    arrays = as_arrays(rows)
-    low, high = lo.reshape(-1).numpy(), hi.reshape(-1).numpy()
-    above = np.zeros((blocks, count), np.int64)
-    inside = np.zeros((blocks, count), np.int64)
-    gram = np.zeros((blocks, count, count))
-    base_sq = np.zeros(blocks)
-    scratch = np.empty((blocks, count, BAND_CAPACITY + WIDTH), np.float32)  # room for a last compress-store
-    with LAUNCH:
-        launch_threads()
-        _first_pass(arrays, n, low, high, above, inside, gram, base_sq, scratch)
-        ends = np.cumsum(inside, axis=0)  # per fine-tune, where each block's band ends
-        overflowed = [t for t in range(count) if bool((inside[:, t] > BAND_CAPACITY).any())]
-        if overflowed:  # a block had more in its bracket than its scratch holds: gather those again
-            starts = np.concatenate([[0], np.cumsum(ends[-1])[:-1]])
-            band = np.empty(int(ends[-1].sum()), np.float32)
-            _gather_band(arrays, n, low, high, (ends - inside) + starts, band)
-    values = []
-    for t in range(count):
-        if t in overflowed:
-            values.append(torch.from_numpy(band[starts[t] : starts[t] + ends[-1, t]]))
-        else:
-            values.append(torch.from_numpy(np.concatenate([scratch[b, t, : inside[b, t]] for b in range(blocks)])))
-    bands = [Bands(values[t], ends[:, t]) for t in range(count)]
-    return torch.from_numpy(gram.sum(axis=0)), float(base_sq.sum()), above.sum(axis=0).tolist(), bands
-
-
 def sample(rows: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
-    """[T, m] |τ| of every fine-tune at `positions` (the brackets' sample)."""
+    """[T, m] |τ| of every fine-tune at `positions` (the brackets' sample), gathered on every core."""
     out = np.empty((len(rows) - 1, positions.numel()), np.float32)
     with LAUNCH:
         launch_threads()

@@ -31,6 +31,13 @@ def ties_kernels() -> types.ModuleType:
     return compiled
 
 
+def ties_bands() -> types.ModuleType:
+    """`methods/ties_bands.py`: TIES' first pass and the exact trims from its bands."""
+    from metamerge.methods import ties_bands as module
+
+    return module
+
+
 def linear_kernels() -> types.ModuleType:
     """`methods/linear_kernels.py`: the linear merge's one pass."""
     from metamerge.methods import linear_kernels as module

@@ -31,7 +31,10 @@ def bracket(sample: torch.Tensor, k: int, n: int) -> tuple[torch.Tensor, torch.T
     width = max(0.01, 4.0 * math.sqrt(quantile * (1.0 - quantile) / m))
     lo_rank = min(m, max(1, int((quantile - width) * m)))
     hi_rank = min(m, max(1, int((quantile + width) * m) + 1))
-    return kth_smallest(sample, lo_rank), kth_smallest(sample, hi_rank)
+    if sample.device.type != "cpu" or sample.dtype == torch.bfloat16:
+        return kth_smallest(sample, lo_rank), kth_smallest(sample, hi_rank)
+    both = np.partition(sample.detach().reshape(-1).numpy(), [lo_rank - 1, hi_rank - 1])  # one partition, two ranks
+    return torch.tensor(both[lo_rank - 1], dtype=sample.dtype), torch.tensor(both[hi_rank - 1], dtype=sample.dtype)
 
 
 def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:

@@ -13,13 +13,14 @@ rule, the same election. With trims remembered from an earlier merge, one pass s
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from metamerge.methods.kernels import combine
-from metamerge.methods.native import ties_kernels, use_compiled
+from metamerge.methods.native import ties_bands, ties_kernels, use_compiled
 from metamerge.methods.plan import MergePlan
 from metamerge.methods.selection import (
     SELECT_MIN,
@@ -32,7 +33,7 @@ from metamerge.methods.selection import (
 from metamerge.methods.ties_torch import BLOCK, SMALLEST_FLOOR, Band, first_pass, second_pass
 
 if TYPE_CHECKING:
-    from metamerge.methods.compiled import Bands
+    from metamerge.methods.ties_bands import Bands, BandSet
 
 
 def fused(plan: MergePlan, n: int, device: torch.device) -> bool:
@@ -50,6 +51,17 @@ Trim = tuple[float, int]  # one fine-tune's exact trim of a tensor: the k-th lar
 Brackets = tuple[torch.Tensor, torch.Tensor]  # per fine-tune [T, 1] values around its k-th largest |τ|
 
 
+Out = torch.Tensor | Callable[[], torch.Tensor] | None  # the result's buffer, one to wait for, or none (a new one)
+
+
+def _output(out: Out, n: int) -> torch.Tensor:
+    """The result's buffer, asked for only when the result is made: the engine's whole-tensor buffer
+    waits for the previous tensor's write, which so runs beside this tensor's first pass."""
+    if out is None:
+        return torch.empty(n)
+    return (out() if callable(out) else out)[:n]
+
+
 def brackets_ahead(inputs: torch.Tensor | Rows, plan: MergePlan, known: list[Trim | None] | None) -> Brackets | None:
     """The brackets `ties_piece` will select in, made where the piece is loaded (the read-ahead
     thread, while the previous piece merges); None where it will not select (another path, or
@@ -59,7 +71,9 @@ def brackets_ahead(inputs: torch.Tensor | Rows, plan: MergePlan, known: list[Tri
     the merging thread that was 0.05–0.2 s of a 1.1 s TIES merge of the benchmark family, most of
     it waiting on memory, while the loading thread mostly waits between its reads. The gather
     here is torch's, serial, so it never takes the kernels' launch lock; it gives the compiled
-    gather's floats (one float32 subtraction and |·| per entry). The caller decides which pieces
+    gather's floats (one float32 subtraction and |·| per entry). A serial compiled gather here,
+    twice as fast alone, made the merge wait for its loads twice as long (0.08 → 0.14 s per
+    merge of the benchmark family). The caller decides which pieces
     (`engine/streaming.py`: those mapped ahead anyway, as sampling a whole tensor faults most of
     it in).
     """
@@ -73,7 +87,15 @@ def brackets_ahead(inputs: torch.Tensor | Rows, plan: MergePlan, known: list[Tri
     return _brackets(inputs, max(1, int(plan.density * n)), fast=False)
 
 
-def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
+def release_buffers() -> None:
+    """Lets this thread's first-pass scratch go (`ties_bands.Scratch`): kept from tensor to tensor of
+    a merge, not beyond it. Imports nothing: a merge that never ran the compiled passes has none."""
+    module = sys.modules.get("metamerge.methods.ties_bands")
+    if module is not None:
+        module.SCRATCH.release()
+
+
+def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePlan, out: Out,
                check: Callable[[torch.Tensor, float], None], known: list[Trim | None] | None = None,
                learn: Callable[[list[Trim]], None] | None = None,
                ahead: Brackets | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -102,17 +124,14 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
             return merged
     lo, hi = ahead if ahead is not None else _brackets(rows, k, fast)
     if fast:
-        gram, base_sq, above, bands = ties_kernels().first_pass(rows, lo, hi)
-        magnitudes = _magnitudes_of(rows)
+        gram, base_sq, above, bands = ties_bands().first_pass(rows, lo, hi)
+        check(gram, base_sq)
+        trims = _compiled_trims(rows, k, above, bands)
     else:
         stacked = inputs if isinstance(inputs, torch.Tensor) else torch.stack(rows)
-        gram, base_sq, above, bands = first_pass(stacked, lo, hi)
-
-        def magnitudes(t: int, begin: int, end: int) -> torch.Tensor:
-            return stacked[t + 1, begin:end].abs()
-    check(gram, base_sq)
-    trims, drops = _trims(magnitudes, n, k, above, bands)
-    if not fast:
+        gram, base_sq, above, torch_bands = first_pass(stacked, lo, hi)
+        check(gram, base_sq)
+        trims, drops = _trims(lambda t, begin, end: stacked[t + 1, begin:end].abs(), n, k, above, torch_bands)
         for t in range(count):
             stacked[1 + t, drops[t]] = 0.0  # the torch passes zero the ties beyond k; the compiled ones skip them
     if learn is not None:
@@ -122,16 +141,16 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
         taus = torch.stack(rows[1:]).sub_(rows[0]) if fast else stacked[1:]
         for t in range(count):
             trim_(taus[t], plan.density)
-        return combine(taus, weights, plan, out=out).add_(rows[0]), gram, base_sq
-    out = torch.empty(n) if out is None else out
+        return combine(taus, weights, plan, out=_output(out, n)).add_(rows[0]), gram, base_sq
+    target = _output(out, n)
     if fast:
-        ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, out[:n])
+        ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target)
     else:
-        second_pass(stacked, floors, weights, plan, out)
-    return out[:n], gram, base_sq
+        second_pass(stacked, floors, weights, plan, target)
+    return target, gram, base_sq
 
 
-def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
+def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: Out,
                  check: Callable[[torch.Tensor, float], None], known: list[Trim | None], k: int,
                  learn: Callable[[list[Trim]], None] | None, ahead: Brackets | None
                  ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -147,8 +166,8 @@ def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.
         alone = [rows[0]] + [rows[t + 1] for t in missing]
         # a fine-tune's bracket depends on its own sample only: the one made ahead for all serves
         lo, hi = (ahead[0][missing], ahead[1][missing]) if ahead is not None else _brackets(alone, k, True)
-        _, _, above, bands = ties_kernels().first_pass(alone, lo, hi)
-        for t, trim in zip(missing, _trims(_magnitudes_of(alone), n, k, above, bands)[0], strict=True):
+        _, _, above, bands = ties_bands().first_pass(alone, lo, hi)
+        for t, trim in zip(missing, _compiled_trims(alone, k, above, bands), strict=True):
             full[t] = trim
     trims: list[Trim] = [trim for trim in full if trim is not None]
     if not all(0 <= cut <= n for _, cut in trims):
@@ -156,7 +175,7 @@ def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.
     floors, cuts = _floors_and_cuts(trims)
     if not float(floors.min()) >= SMALLEST_FLOOR:  # (NaN too) the unfused trim's range: no shortcut
         return None
-    target = torch.empty(n) if out is None else out[:n]
+    target = _output(out, n)
     kept, gram, base_sq = ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target,
                                                   diagnostics=True)
     assert gram is not None
@@ -181,15 +200,27 @@ def _magnitudes_of(rows: Rows) -> Callable[[int, int, int], torch.Tensor]:
     return lambda t, begin, end: torch.sub(rows[t + 1][begin:end], rows[0][begin:end]).abs_()
 
 
+def _compiled_trims(rows: Rows, k: int, above: list[int], bands: BandSet) -> list[Trim]:
+    """Each fine-tune's exact trim from the compiled first pass (`ties_bands.trims`); where its bracket
+    missed, from a scan of its whole row."""
+    magnitudes, n = _magnitudes_of(rows), rows[0].numel()
+    return [trim if trim is not None else _trim(lambda begin, end, t=t: magnitudes(t, begin, end), n, k, above[t],
+                                                bands[t])[0]
+            for t, trim in enumerate(ties_bands().trims(rows, k, above, bands))]
+
+
 def _trims(magnitudes: Callable[[int, int, int], torch.Tensor], n: int, k: int, above: list[int] | torch.Tensor,
            bands: list) -> tuple[list[Trim], list[torch.Tensor]]:
-    """Each fine-tune's exact trim from its first-pass counts, and the positions of its dropped ties."""
-    trims, drops = [], []
-    for t in range(len(bands)):
-        threshold, dropped = _threshold(lambda begin, end, t=t: magnitudes(t, begin, end), n, k, int(above[t]), bands[t])
-        trims.append((float(threshold), int(dropped[0]) if dropped.numel() else n))
-        drops.append(dropped)
-    return trims, drops
+    """Each fine-tune's exact trim from the torch first pass's counts, and the positions of its dropped ties."""
+    found = [_trim(lambda begin, end, t=t: magnitudes(t, begin, end), n, k, int(above[t]), bands[t])
+             for t in range(len(bands))]
+    return [trim for trim, _ in found], [dropped for _, dropped in found]
+
+
+def _trim(magnitudes: Callable[[int, int], torch.Tensor], n: int, k: int, above: int, bands: Band | Bands
+          ) -> tuple[Trim, torch.Tensor]:
+    threshold, dropped = _threshold(magnitudes, n, k, above, bands)
+    return (float(threshold), int(dropped[0]) if dropped.numel() else n), dropped
 
 
 def _brackets(rows: Rows, k: int, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
