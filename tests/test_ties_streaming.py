@@ -101,3 +101,55 @@ def test_a_slow_write_of_a_whole_tensor_is_never_overwritten_by_the_next(family,
     monkeypatch.setattr(writer.ShardedWriter, "write", slow)
     _merge(family, tmp_path / "slow")
     assert _bytes(tmp_path / "slow") == _bytes(tmp_path / "plain")
+
+
+def test_the_first_pass_runs_while_the_previous_whole_tensor_is_written(family, tmp_path, monkeypatch):
+    """TIES asks for the whole-tensor buffer only after its first pass: that pass overlaps the
+    previous whole tensor's write (which still reads the buffer), and the bytes are unchanged."""
+    if not compiled.AVAILABLE:
+        pytest.skip("about the compiled passes")
+    monkeypatch.setenv("METAMERGE_COMPILED", "1")
+    _merge(family, tmp_path / "plain")
+    monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 64)  # every piece is a whole tensor
+    from metamerge.methods import ties_bands
+
+    events: list[str] = []
+    real_write, real_first = writer.ShardedWriter.write, ties_bands.first_pass
+
+    def slow_write(self, name, tensor):
+        events.append("write starts")
+        time.sleep(0.2)
+        events.append("write ends")
+        return real_write(self, name, tensor)
+
+    def first_pass(rows, lo, hi):
+        events.append("first pass")
+        return real_first(rows, lo, hi)
+
+    monkeypatch.setattr(writer.ShardedWriter, "write", slow_write)
+    monkeypatch.setattr(ties_bands, "first_pass", first_pass)
+    _merge(family, tmp_path / "overlapped")
+    assert _bytes(tmp_path / "overlapped") == _bytes(tmp_path / "plain")
+    # a first pass between a write's start and its end: it did not wait for the buffer
+    assert any(events[i:i + 3] == ["write starts", "first pass", "write ends"] for i in range(len(events) - 2))
+
+
+def test_a_merge_lets_its_first_pass_scratch_go(family, tmp_path, monkeypatch):
+    """The scratch is kept from tensor to tensor, not after the merge (a worker process lives on)."""
+    if not compiled.AVAILABLE:
+        pytest.skip("about the compiled passes")
+    monkeypatch.setenv("METAMERGE_COMPILED", "1")
+    from metamerge.methods import ties_bands
+
+    sizes = []
+    real = ties_bands.Scratch.take
+
+    def take(self, blocks, count):
+        taken = real(self, blocks, count)
+        sizes.append(self.buffer.size)
+        return taken
+
+    monkeypatch.setattr(ties_bands.Scratch, "take", take)
+    _merge(family, tmp_path / "out")
+    assert sizes and max(sizes) > 0
+    assert ties_bands.SCRATCH.buffer.size == 0

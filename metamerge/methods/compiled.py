@@ -67,12 +67,13 @@ if AVAILABLE:
                 gram[y, x] = gram[x, y]
 
     @jit(parallel=True, boundscheck=False)
-    def _first_pass(rows, n, lo, hi, above, inside, gram, base_sq, scratch):  # pragma: no cover - compiled
+    def _first_pass(rows, n, lo, hi, above, inside, gram, base_sq, scratch, order):  # pragma: no cover - compiled
         """Per block and fine-tune, while the block is in cache: |τ| > hi counted, lo ≤ |τ| ≤ hi
         counted and copied in position order into the block's `scratch` row (as far as it holds);
         the block's gram and Σ θ₀². The rows are only read: τ = θ_t − θ₀ goes to a scratch of one
         gram run (RUN entries per fine-tune), made SUB entries at a time so that the counts, the
-        compaction and the gram read it from L1."""
+        compaction and the gram read it from L1. Fine-tunes are visited in `order`: ascending
+        addresses (`address_order`)."""
         count = len(rows) - 1
         capacity = scratch.shape[2] - WIDTH
         blocks = (n + BLOCK - 1) // BLOCK
@@ -88,7 +89,8 @@ if AVAILABLE:
                 s1 = min(width, s0 + SUB)
                 span = s1 - s0
                 part = base[s0:s1]
-                for t in range(count):
+                for visit in range(count):
+                    t = order[visit]
                     row, tau = rows[t + 1][start + s0 : start + s1], taus[t, s0 % RUN : s0 % RUN + span]
                     low, high = lo[t], hi[t]
                     up = 0
@@ -226,6 +228,17 @@ if AVAILABLE:
             if diagnostics:
                 base_sq[b] = _dot(base, base)
                 _mirror(gram[b])
+
+
+def address_order(arrays: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The fine-tunes (rows 1..T) by ascending address: the order `_first_pass` visits them in.
+
+    On the AMD EPYC VM of the benchmarks, visiting them at descending addresses (how checkpoints
+    mapped one after the other lie) made that pass twice as slow: 37.6 against 18.6 ms for a
+    24.6 M-entry embedding, the same rows in one buffer either way round. The second pass and
+    the linear pass do not care (12.6 / 12.7 and 14.6 / 15.0 ms).
+    """
+    return np.argsort(np.array([array.ctypes.data for array in arrays[1:]], dtype=np.uint64), kind="stable")
 
 
 def sample(rows: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
