@@ -103,13 +103,14 @@ def test_a_slow_write_of_a_whole_tensor_is_never_overwritten_by_the_next(family,
     assert _bytes(tmp_path / "slow") == _bytes(tmp_path / "plain")
 
 
-def test_the_first_pass_runs_while_the_previous_whole_tensor_is_written(family, tmp_path, monkeypatch):
-    """TIES asks for the whole-tensor buffer only after its first pass: that pass overlaps the
-    previous whole tensor's write (which still reads the buffer), and the bytes are unchanged."""
+def test_a_whole_tensor_is_merged_only_after_the_previous_ones_write(family, tmp_path, monkeypatch):
+    """The write of a whole tensor still reads the one result buffer, and while it runs the loading
+    thread unmaps that tensor's inputs: a first pass beside it (tried in stop 31, to overlap the LM
+    head's write with the embedding's first pass) had two whole tensors' pages mapped at once, peak
+    RSS 898 → 1062 MB on the benchmark family. So nothing of the next whole tensor runs before."""
     if not compiled.AVAILABLE:
         pytest.skip("about the compiled passes")
     monkeypatch.setenv("METAMERGE_COMPILED", "1")
-    _merge(family, tmp_path / "plain")
     monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", 64)  # every piece is a whole tensor
     from metamerge.methods import ties_bands
 
@@ -118,7 +119,7 @@ def test_the_first_pass_runs_while_the_previous_whole_tensor_is_written(family, 
 
     def slow_write(self, name, tensor):
         events.append("write starts")
-        time.sleep(0.2)
+        time.sleep(0.1)
         events.append("write ends")
         return real_write(self, name, tensor)
 
@@ -128,10 +129,9 @@ def test_the_first_pass_runs_while_the_previous_whole_tensor_is_written(family, 
 
     monkeypatch.setattr(writer.ShardedWriter, "write", slow_write)
     monkeypatch.setattr(ties_bands, "first_pass", first_pass)
-    _merge(family, tmp_path / "overlapped")
-    assert _bytes(tmp_path / "overlapped") == _bytes(tmp_path / "plain")
-    # a first pass between a write's start and its end: it did not wait for the buffer
-    assert any(events[i:i + 3] == ["write starts", "first pass", "write ends"] for i in range(len(events) - 2))
+    _merge(family, tmp_path / "out")
+    assert events.count("first pass") >= 2 and events.count("write starts") >= 2
+    assert all(events[i:i + 2] != ["write starts", "first pass"] for i in range(len(events) - 1))
 
 
 def test_a_merge_lets_its_first_pass_scratch_go(family, tmp_path, monkeypatch):

@@ -8,7 +8,6 @@ and writing overlaps with the next read. Peak memory is a few tensors, never the
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Callable
@@ -68,7 +67,7 @@ def _reads_only(plan: MergePlan) -> Callable[[int], bool]:
 
 def _merge_piece(
     stacked: torch.Tensor | list[torch.Tensor], weights: torch.Tensor, plan: MergePlan, labels: list[str],
-    name: str, part: int, out: ties.Out, seed_name: str | None = None, base_label: str = "base",
+    name: str, part: int, out: torch.Tensor | None, seed_name: str | None = None, base_label: str = "base",
     shape: tuple[int, ...] = (), trims: ThresholdCache | None = None, ahead: ties.Brackets | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Returns (merged float32 piece, flat; gram of the raw task vectors [T, T] in float64; ‖θ₀ piece‖²).
@@ -78,14 +77,10 @@ def _merge_piece(
     `shape` is the piece's shape: DELLA ranks within its rows, Iso-C treats a 2-D one as a matrix.
     `trims`: TIES trims remembered between merges (whole tensors only), and where to learn them.
     `ahead`: TIES brackets made on the read-ahead thread (`ties.brackets_ahead`).
-    `out`: the result's buffer, or a function that waits for it (asked for by TIES after its first pass).
     """
-    fused = ties.fused(plan, stacked[0].numel(), stacked[0].device)
-    if callable(out) and not fused:
-        out = out()
     if plan.linear and out is not None:
         return _linear_piece_blocked(list(stacked), weights, plan, labels, name, out, base_label)
-    if fused:
+    if ties.fused(plan, stacked[0].numel(), stacked[0].device):
         return ties.ties_piece(stacked, weights, plan, out,
                                lambda gram, base_sq: _require_finite(gram, base_sq, labels, name, base_label),
                                trims.trims(name) if trims is not None else None,
@@ -245,8 +240,10 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
                 out = None
                 if compute_device.type == "cpu" and n <= workspace.capacity:
                     out = workspace.result[:n]
-                elif compute_device.type == "cpu":  # a whole tensor (TIES & co.): once the previous write is done
-                    out = functools.partial(_after_write, pending_write, whole, n)
+                elif compute_device.type == "cpu":  # a whole tensor (TIES & co.): its write must be done first,
+                    if pending_write is not None:  # which also gives the loading thread time to unmap the last
+                        pending_write.result()  # whole piece (its first pass beside that: peak RSS 898 → 1062 MB)
+                    out = whole.take(n)
                 result32, gram, base_sq = _merge_piece(loaded, weights_cache[group], plan, labels, info.name,
                                                        rows[0] if rows else 0, out, aliases.get(info.name),
                                                        job.base_label, tuple(shape),
@@ -278,14 +275,6 @@ def _stream_merge(job: MergeJob, work: list, writer: ShardedWriter, total_bytes:
         if pending_write is not None:
             pending_write.result()
     return totals
-
-
-def _after_write(write: Future | None, whole: WholeResult, n: int) -> torch.Tensor:
-    """The whole-tensor buffer once the write that may still read it is done: TIES asks after its first
-    pass, so the LM head's write runs beside the embedding's (waiting first cost 33 ms per merge)."""
-    if write is not None:
-        write.result()
-    return whole.take(n)
 
 
 def _expect_reads(job: MergeJob, work: list) -> None:

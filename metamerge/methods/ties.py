@@ -51,17 +51,6 @@ Trim = tuple[float, int]  # one fine-tune's exact trim of a tensor: the k-th lar
 Brackets = tuple[torch.Tensor, torch.Tensor]  # per fine-tune [T, 1] values around its k-th largest |τ|
 
 
-Out = torch.Tensor | Callable[[], torch.Tensor] | None  # the result's buffer, one to wait for, or none (a new one)
-
-
-def _output(out: Out, n: int) -> torch.Tensor:
-    """The result's buffer, asked for only when the result is made: the engine's whole-tensor buffer
-    waits for the previous tensor's write, which so runs beside this tensor's first pass."""
-    if out is None:
-        return torch.empty(n)
-    return (out() if callable(out) else out)[:n]
-
-
 def brackets_ahead(inputs: torch.Tensor | Rows, plan: MergePlan, known: list[Trim | None] | None) -> Brackets | None:
     """The brackets `ties_piece` will select in, made where the piece is loaded (the read-ahead
     thread, while the previous piece merges); None where it will not select (another path, or
@@ -95,7 +84,7 @@ def release_buffers() -> None:
         module.SCRATCH.release()
 
 
-def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePlan, out: Out,
+def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
                check: Callable[[torch.Tensor, float], None], known: list[Trim | None] | None = None,
                learn: Callable[[list[Trim]], None] | None = None,
                ahead: Brackets | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -141,8 +130,8 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
         taus = torch.stack(rows[1:]).sub_(rows[0]) if fast else stacked[1:]
         for t in range(count):
             trim_(taus[t], plan.density)
-        return combine(taus, weights, plan, out=_output(out, n)).add_(rows[0]), gram, base_sq
-    target = _output(out, n)
+        return combine(taus, weights, plan, out=out).add_(rows[0]), gram, base_sq
+    target = torch.empty(n) if out is None else out[:n]
     if fast:
         ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target)
     else:
@@ -150,7 +139,7 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
     return target, gram, base_sq
 
 
-def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: Out,
+def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
                  check: Callable[[torch.Tensor, float], None], known: list[Trim | None], k: int,
                  learn: Callable[[list[Trim]], None] | None, ahead: Brackets | None
                  ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -175,7 +164,7 @@ def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: Out,
     floors, cuts = _floors_and_cuts(trims)
     if not float(floors.min()) >= SMALLEST_FLOOR:  # (NaN too) the unfused trim's range: no shortcut
         return None
-    target = _output(out, n)
+    target = torch.empty(n) if out is None else out[:n]
     kept, gram, base_sq = ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target,
                                                   diagnostics=True)
     assert gram is not None
