@@ -4,8 +4,9 @@ Trim, elect and combine each used to sweep the whole [T, n] task-vector matrix (
 passes through memory for a 100 M-entry embedding). Here the first pass makes the gram,
 ‖θ₀‖² and, per fine-tune, what it needs for its exact top-k threshold (a count above a
 sampled bracket and the values inside it); the second pass trims, elects and combines each
-block while it is in cache. The passes are compiled loops (`methods/compiled.py`) when numba
-is installed, torch block operations otherwise (`methods/ties_torch.py`). The merged floats are
+block while it is in cache. The passes are compiled loops (`methods/compiled.py`, the trims
+from the bands in `methods/ties_bands.py`) when numba is installed, torch block operations
+otherwise (`methods/ties_torch.py`). The merged floats are
 those of the unfused path either way (tested bit for bit): the same thresholds, the same tie
 rule, the same election. With trims remembered from an earlier merge, one pass suffices.
 """
@@ -208,6 +209,7 @@ def _trims(magnitudes: Callable[[int, int, int], torch.Tensor], n: int, k: int, 
 
 def _trim(magnitudes: Callable[[int, int], torch.Tensor], n: int, k: int, above: int, bands: Band | Bands
           ) -> tuple[Trim, torch.Tensor]:
+    """One fine-tune's trim in Python (the torch passes, and a compiled bracket that missed)."""
     threshold, dropped = _threshold(magnitudes, n, k, above, bands)
     return (float(threshold), int(dropped[0]) if dropped.numel() else n), dropped
 
