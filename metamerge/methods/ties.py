@@ -34,7 +34,7 @@ from metamerge.methods.selection import (
 from metamerge.methods.ties_torch import BLOCK, SMALLEST_FLOOR, Band, first_pass, second_pass
 
 if TYPE_CHECKING:
-    from metamerge.methods.ties_bands import Bands, BandSet
+    from metamerge.methods.ties_bands import BandSet
 
 
 def fused(plan: MergePlan, n: int, device: torch.device) -> bool:
@@ -207,7 +207,7 @@ def _trims(magnitudes: Callable[[int, int, int], torch.Tensor], n: int, k: int, 
     return [trim for trim, _ in found], [dropped for _, dropped in found]
 
 
-def _trim(magnitudes: Callable[[int, int], torch.Tensor], n: int, k: int, above: int, bands: Band | Bands
+def _trim(magnitudes: Callable[[int, int], torch.Tensor], n: int, k: int, above: int, bands: Band
           ) -> tuple[Trim, torch.Tensor]:
     """One fine-tune's trim in Python (the torch passes, and a compiled bracket that missed)."""
     threshold, dropped = _threshold(magnitudes, n, k, above, bands)
@@ -229,7 +229,7 @@ def _brackets(rows: Rows, k: int, fast: bool) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _threshold(magnitudes: Callable[[int, int], torch.Tensor], n: int, k: int, above: int,
-               bands: Band | Bands) -> tuple[torch.Tensor, torch.Tensor]:
+               bands: Band) -> tuple[torch.Tensor, torch.Tensor]:
     """The k-th largest |τ| (exact), and the positions of the entries tied with it beyond the k
     kept (the highest-index ones, as `selection.trim_`), in increasing order.
 

@@ -26,6 +26,7 @@ from metamerge.methods import compiled
 from metamerge.methods.compiled import BLOCK
 from metamerge.methods.numba_runtime import AVAILABLE, LAUNCH, as_arrays, jit, launch_threads
 from metamerge.methods.simd import WIDTH
+from metamerge.methods.ties_torch import Band
 
 if AVAILABLE:
     @jit(boundscheck=False)
@@ -104,24 +105,12 @@ class BandSet:
         _collect(self.values, self.starts, self.lengths, offsets, out)
         return out, offsets
 
-    def __getitem__(self, t: int) -> Bands:
+    def __getitem__(self, t: int) -> Band:
         """One fine-tune's band as `ties._threshold` takes it (the torch passes' shape)."""
         packed, offsets = self.collect()
         size = int(self.sizes()[t])
-        return Bands(torch.from_numpy(packed[offsets[t] : offsets[t] + size].copy()), np.cumsum(self.lengths[:, t]))
-
-
-class Bands:
-    """One fine-tune's in-bracket |τ| in position order, and where each block's part ends."""
-
-    def __init__(self, values: torch.Tensor, ends: np.ndarray):
-        self.values, self.ends = values, ends
-
-    def all(self) -> torch.Tensor:
-        return self.values
-
-    def block(self, index: int) -> torch.Tensor:
-        return self.values[(int(self.ends[index - 1]) if index else 0) : int(self.ends[index])]
+        return Band.of(torch.from_numpy(packed[offsets[t] : offsets[t] + size].copy()),
+                       np.cumsum(self.lengths[:, t]).tolist())
 
 
 class Scratch(threading.local):

@@ -78,6 +78,13 @@ class Band:
         self.values = torch.empty(1 << 16)
         self.ends: list[int] = []
 
+    @classmethod
+    def of(cls, values: torch.Tensor, ends: list[int]) -> Band:
+        """A band already packed (the compiled first pass's, for the Python fallback of `ties`)."""
+        band = cls.__new__(cls)
+        band.values, band.ends = values, ends
+        return band
+
     def append(self, values: torch.Tensor) -> None:
         start = self.ends[-1] if self.ends else 0
         if start + values.numel() > self.values.numel():
