@@ -182,3 +182,14 @@ def trims(rows: list[torch.Tensor], k: int, above: list[int], bands: BandSet) ->
     _cuts(as_arrays(rows), n, k, np.asarray(above, np.int64), thresholds, active, bands.values, bands.starts,
           bands.lengths, cuts)
     return [(float(thresholds[t]), int(cuts[t])) if active[t] and cuts[t] >= 0 else None for t in range(count)]
+
+
+def exact_trims(magnitudes: np.ndarray, k: int) -> list[tuple[float, int]]:
+    """Each row's trim of [T, n] |τ| by a full selection (`ties.small_piece`): the tie rule of `trims`."""
+    n, found = magnitudes.shape[1], []
+    for row in magnitudes:
+        threshold = np.partition(row, n - k)[n - k]
+        excess = int(np.count_nonzero(row >= threshold)) - k
+        tied = np.flatnonzero(row == threshold) if excess > 0 else None
+        found.append((float(threshold), int(tied[tied.size - excess]) if tied is not None else n))
+    return found
