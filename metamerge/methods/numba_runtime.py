@@ -18,6 +18,9 @@ try:  # pragma: no branch - the import decides which implementation runs, both a
     import numba
     from numba import njit
 
+    from metamerge.methods import kernel_cache
+
+    kernel_cache.install()  # a change to any kernel file recompiles every kernel (see there)
     AVAILABLE = True
 except ImportError:  # pragma: no cover - exercised by tests that hide numba
     AVAILABLE = False
