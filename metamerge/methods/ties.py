@@ -53,11 +53,7 @@ def _trims_and_elects(plan: MergePlan, device: torch.device) -> bool:
 
 
 Rows = list[torch.Tensor]  # T+1 flat float32 rows, the base first; read-only (they may be mapped files)
-
-
 Trim = tuple[float, int]  # one fine-tune's exact trim of a tensor: the k-th largest |τ|, and where its dropped ties begin
-
-
 Brackets = tuple[torch.Tensor, torch.Tensor]  # per fine-tune [T, 1] values around its k-th largest |τ|
 
 
@@ -151,28 +147,35 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
 
 def small_piece(stacked: torch.Tensor, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
                 check: Callable[[torch.Tensor, float], None]) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """`ties_piece` for a tensor of at most SELECT_MIN entries (a norm's weight): exact trims by a
-    full selection in numpy, then the compiled merging pass, which also makes the gram and ‖θ₀‖²;
-    None where that pass does not apply (the caller runs the unfused path). `stacked` is only read.
-
-    The unfused path took 1.6–1.9 ms per 768-entry norm weight inside a merge (0.04 s of a 0.66 s
-    TIES merge of the benchmark family, for 0.02 % of its entries), 1.3 ms of it in the gram's
-    [3, 768] matmul: BLAS' threads woke beside numba's on two busy cores. Alone it takes 0.06 ms.
-    """
+    """`ties_piece` for at most SELECT_MIN entries (a norm's weight), `stacked` only read: exact trims
+    by a full selection in numpy, then the compiled merging pass (it makes the gram and ‖θ₀‖² too);
+    None where it does not apply (the caller runs the unfused path). That path took 1.6–1.9 ms per
+    768-entry norm weight inside a merge (0.04 s of a 0.66 s TIES merge of the benchmark family),
+    1.3 ms of it the gram's [3, 768] matmul: BLAS' threads woke beside numba's on two busy cores."""
     rows = list(stacked)
     if any(row.dtype != torch.float32 or not row.is_contiguous() for row in rows):
         return None
-    n = stacked.shape[1]
     magnitudes = np.abs(stacked[1:].numpy() - stacked[0].numpy())
-    floors, cuts = _floors_and_cuts(ties_bands().exact_trims(magnitudes, max(1, int(plan.density * n))))
-    if not float(floors.min()) >= SMALLEST_FLOOR:  # (NaN too: the unfused path then names the input)
+    trims = ties_bands().exact_trims(magnitudes, max(1, int(plan.density * stacked.shape[1])))
+    merged = _merging_pass(rows, trims, weights, plan, out, check)  # (None on NaN too: the unfused path names it)
+    return None if merged is None else (merged[0], merged[2], merged[3])
+
+
+def _merging_pass(rows: Rows, trims: list[Trim], weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
+                  check: Callable[[torch.Tensor, float], None]
+                  ) -> tuple[torch.Tensor, list[int], torch.Tensor, float] | None:
+    """The compiled merging pass alone, with the trims given: (merged, entries each fine-tune kept,
+    gram, ‖θ₀‖²), `check` passed; None where a threshold lies below the pass's range (or is NaN)."""
+    floors, cuts = _floors_and_cuts(trims)
+    if not float(floors.min()) >= SMALLEST_FLOOR:
         return None
+    n = rows[0].numel()
     target = torch.empty(n) if out is None else out[:n]
-    _, gram, base_sq = ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target,
+    kept, gram, base_sq = ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target,
                                                   diagnostics=True)
     assert gram is not None
     check(gram, base_sq)
-    return target, gram, base_sq
+    return target, kept, gram, base_sq
 
 
 def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.Tensor | None,
@@ -197,14 +200,10 @@ def _merge_known(rows: Rows, weights: torch.Tensor, plan: MergePlan, out: torch.
     trims: list[Trim] = [trim for trim in full if trim is not None]
     if not all(0 <= cut <= n for _, cut in trims):
         return None
-    floors, cuts = _floors_and_cuts(trims)
-    if not float(floors.min()) >= SMALLEST_FLOOR:  # (NaN too) the unfused trim's range: no shortcut
+    merged = _merging_pass(rows, trims, weights, plan, out, check)  # None: the unfused trim's range, no shortcut
+    if merged is None:
         return None
-    target = torch.empty(n) if out is None else out[:n]
-    kept, gram, base_sq = ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target,
-                                                  diagnostics=True)
-    assert gram is not None
-    check(gram, base_sq)
+    target, kept, gram, base_sq = merged
     if any(number != k for number in kept):
         return None
     if missing and learn is not None:
