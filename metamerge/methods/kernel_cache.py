@@ -48,9 +48,11 @@ class _FolderStamped:
 def install(folder: Path = KERNELS) -> None:
     """Puts the folder's locators ahead of numba's own (where numba would look: a user's cache
     folder, the package's `__pycache__`, the user-wide cache), once per folder and process."""
-    classes = caching.CacheImpl._locator_classes
+    classes = getattr(getattr(caching, "CacheImpl", None), "_locator_classes", None)
+    names = ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")
+    if classes is None or not all(hasattr(caching, name) for name in names):
+        return  # another numba than constraints.txt's, laid out otherwise: its own stamps, as before
     if any(issubclass(cls, _FolderStamped) and cls.folder == folder for cls in classes):
         return
-    bases = (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator)
-    classes[:0] = [type(f"FolderStamped{base.__name__}", (_FolderStamped, base), {"folder": folder})
-                   for base in bases]
+    classes[:0] = [type(f"FolderStamped{name}", (_FolderStamped, getattr(caching, name)), {"folder": folder})
+                   for name in names]
