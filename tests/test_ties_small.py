@@ -114,3 +114,23 @@ def test_the_small_path_applies_to_compiled_ties_on_small_cpu_tensors_only(monke
     assert not ties.small(_plan(density=1.0), 768, cpu)
     monkeypatch.setenv("METAMERGE_COMPILED", "0")
     assert not ties.small(_plan(), 768, cpu)
+
+
+def test_a_one_block_kernel_runs_on_the_calling_thread_alone():
+    """`launch_threads(blocks)`: no more threads than blocks (a second one had to be woken for nothing)."""
+    import numba
+
+    from metamerge.methods.numba_runtime import launch_threads
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        most = min(2, numba.config.NUMBA_NUM_THREADS)
+        launch_threads(1)
+        assert numba.get_num_threads() == 1
+        launch_threads(24)
+        assert numba.get_num_threads() == most
+        launch_threads()
+        assert numba.get_num_threads() == most
+    finally:
+        torch.set_num_threads(previous)

@@ -262,7 +262,7 @@ def second_pass(rows: list[torch.Tensor], floors: torch.Tensor, cuts: torch.Tens
     gram = np.zeros((blocks, count, count))
     base_sq = np.zeros(blocks)
     with LAUNCH:
-        launch_threads()
+        launch_threads(blocks)
         _second_pass(as_arrays(rows), n, floors.reshape(-1).numpy(), cuts.numpy(),
                      weights.to(torch.float32).reshape(-1).numpy(), np.float32(scale), normalize, out.numpy(),
                      kept, diagnostics, gram, base_sq)

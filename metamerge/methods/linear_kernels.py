@@ -61,6 +61,6 @@ def linear_merge(rows: list[torch.Tensor], weights: torch.Tensor, out: torch.Ten
     gram = np.zeros((blocks, count, count))
     base_sq = np.zeros(blocks)
     with LAUNCH:
-        launch_threads()
+        launch_threads(blocks)
         _linear_pass(as_arrays(rows), weights.to(torch.float32).reshape(-1).numpy(), n, out[:n].numpy(), gram, base_sq)
     return torch.from_numpy(gram.sum(axis=0)), float(base_sq.sum())

@@ -44,9 +44,12 @@ def jit(**options):
     return wrap
 
 
-def launch_threads() -> None:
-    """Before a kernel: as many threads as torch uses (the merge's choice)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def launch_threads(blocks: int | None = None) -> None:
+    """Before a kernel: as many threads as torch uses (the merge's choice), and no more than its
+    blocks: a one-block kernel (a norm's weight) then runs on the calling thread, where a second
+    thread had to be woken on a busy core for nothing."""
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, blocks or torch.get_num_threads())
+    numba.set_num_threads(max(1, threads))
 
 
 def as_arrays(rows: list[torch.Tensor]) -> tuple[np.ndarray, ...]:

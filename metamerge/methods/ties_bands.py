@@ -149,7 +149,7 @@ def first_pass(rows: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor
     base_sq = np.zeros(blocks)
     scratch = SCRATCH.take(blocks, count)
     with LAUNCH:
-        launch_threads()
+        launch_threads(blocks)
         compiled._first_pass(arrays, n, low, high, above, inside, gram, base_sq, scratch, compiled.address_order(arrays))
         if (inside > compiled.BAND_CAPACITY).any():  # a block's band outgrew its scratch row: gather again
             ends = np.cumsum(inside, axis=0)
