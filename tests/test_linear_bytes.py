@@ -23,6 +23,7 @@ from metamerge.engine.streaming import _linear_piece_blocked
 from metamerge.methods import native
 from metamerge.methods.kernels import LINEAR_BLOCK, combine, linear_blocked
 from metamerge.methods.plan import MergePlan
+from tests.numba_targets import runs_here, target_env
 
 WEIGHTS = [0.3, 1 / 3, 0.7111, 0.123]
 
@@ -127,13 +128,11 @@ def test_linear_merge_bytes_do_not_follow_the_kernels_or_the_thread_count():
     if native.use_compiled():
         runs += [(None, cpu, threads, "1") for cpu in ("x86-64", "haswell", None) for threads in (1, 2)]
     prints = set()
-    for capability, cpu, threads, compiled in runs:
-        env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME")}
+    for capability, cpu, threads, compiled in [run for run in runs if runs_here(run[1])]:
+        env = target_env({k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}, cpu)
         env["METAMERGE_COMPILED"] = compiled
         if capability:
             env["ATEN_CPU_CAPABILITY"] = capability
-        if cpu:
-            env["NUMBA_CPU_NAME"] = cpu
         done = subprocess.run([sys.executable, "-c", _SCRIPT, str(threads), repo], env=env, capture_output=True,
                               text=True, timeout=300, cwd=repo)
         assert done.returncode == 0, done.stderr

@@ -9,6 +9,7 @@ import torch
 from metamerge.methods import compiled, selection, ties, ties_bands
 from metamerge.methods.kernels import combine, elect_and_combine, sparsify_
 from metamerge.methods.plan import MergePlan
+from tests.numba_targets import runs_here, target_env
 
 N = 3 * ties.BLOCK + 12_345  # several blocks and a ragged last one, above SELECT_MIN
 
@@ -278,7 +279,8 @@ print(digest.hexdigest())
 def test_the_compiled_passes_give_the_same_floats_for_any_target_cpu(passes):
     """numba compiles for the CPU it runs on (vector width, FMA): strict IEEE code must not care.
 
-    Each target compiles in its own process (NUMBA_CPU_NAME); the merged floats must be bit-equal.
+    Each target compiles in its own process (`numba_targets`: name and features); the merged
+    floats must be bit-equal.
     """
     import os
     import subprocess
@@ -289,10 +291,8 @@ def test_the_compiled_passes_give_the_same_floats_for_any_target_cpu(passes):
         pytest.skip("about the compiled passes")
     root = Path(__file__).resolve().parents[1]
     prints = set()
-    for cpu in ("x86-64", "haswell", None):  # SSE2 only, AVX2 + FMA, this machine's own
-        env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
-        if cpu:
-            env["NUMBA_CPU_NAME"] = cpu
+    for cpu in [cpu for cpu in ("x86-64", "haswell", None) if runs_here(cpu)]:  # SSE2, AVX2 + FMA, this machine's
+        env = target_env(dict(os.environ), cpu)
         env["PYTHONPATH"] = str(root)
         done = subprocess.run([sys.executable, "-c", _CPU_SCRIPT], env=env, capture_output=True, text=True,
                               timeout=600, cwd=root)
@@ -350,33 +350,76 @@ def test_a_wrong_remembered_trim_is_caught_and_the_tensor_selected_again(damage,
     assert relearned == learned  # selected again, and the right trims learned for next time
 
 
-def test_compress_store_keeps_exactly_the_band_in_order():
-    """The first pass's 16-wide compress-store against numpy's boolean selection: the same values, the
-    same order, the same count; NaN, ±0, ±inf and both bracket ends included; nothing written past it."""
+_SCAN_SCRIPT = """
+import numpy as np
+from numba import njit
+from metamerge.methods.simd import WIDTH, scan_band
+
+@njit
+def scan(row, base, tau, low, high, out):
+    above = at = 0
+    for i in range(0, row.shape[0] // WIDTH * WIDTH, WIDTH):
+        found = scan_band(row, i, base, i, tau, i + 3, low, high, out, at)
+        above += found >> 32
+        at += found & 0xFFFFFFFF
+    return above, at
+
+rng = np.random.default_rng(5)
+n = WIDTH * 4000
+base = rng.standard_normal(n + 5).astype(np.float32)[5:]  # rows not 64-byte aligned
+row = (base + rng.standard_normal(n).astype(np.float32)).astype(np.float32)
+low, high = np.float32(0.5), np.float32(1.25)
+row[:8] = base[:8] + np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, low, -high, np.nextafter(high, np.float32(9))],
+                              np.float32)
+row[8:12] = base[8:12]  # τ = +0 exactly
+tau = np.full(n + 3 + WIDTH, -5.0, np.float32)
+out = np.full(n + 2 * WIDTH, -7.0, np.float32)
+above, at = scan(row, base, tau, low, high, out)
+want_tau = row - base
+magnitudes = np.abs(want_tau)
+band = magnitudes[(magnitudes >= low) & (magnitudes <= high)]
+checks = {
+    "tau": np.array_equal(tau[3:n + 3].view(np.int32), want_tau.view(np.int32)),
+    "tau untouched": bool((tau[:3] == -5.0).all() and (tau[n + 3:] == -5.0).all()),
+    "above": int(above) == int(np.count_nonzero(magnitudes > high)),
+    "inside": int(at) == band.size and 0 < band.size < n,
+    "band": np.array_equal(out[:at], band),
+    "nothing past 16": bool((out[at + WIDTH:] == -7.0).all()),
+}
+code = list(scan.inspect_asm().values())[0]
+print(checks, "vcompressps" in code, "vpermps" in code, "zmm" in code)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu", ["x86-64", "haswell", None])
+def test_scan_band_gives_the_loops_values_counts_and_band_on_every_target(cpu):
+    """The first pass's 16-wide step (`simd.scan_band`) against numpy, compiled for SSE2, AVX2 and
+    this machine (its own pack on each: vcompressps, vpermps by table, LLVM's expansion): τ bit for
+    bit, the counts above and inside, the band in order; NaN, ±0, ±inf and both bracket ends
+    included; nothing written past τ's 16 or 16 past the band's count. Also which pack ran, so
+    that a target that did not take effect fails here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     pytest.importorskip("numba")
-    import numpy as np
-    from numba import njit
+    if not runs_here(cpu):
+        pytest.skip(f"this CPU cannot run code for {cpu}")
+    from llvmlite import binding
 
-    from metamerge.methods.simd import WIDTH, compress_band
-
-    @njit
-    def compact(tau, low, high, out):
-        at = 0
-        for i in range(0, tau.shape[0] // WIDTH * WIDTH, WIDTH):
-            at += compress_band(tau, i, low, high, out, at)
-        return at
-
-    rng = np.random.default_rng(5)
-    tau = rng.standard_normal(WIDTH * 4000).astype(np.float32)
-    low, high = np.float32(0.5), np.float32(1.25)
-    tau[:8] = [np.nan, -0.0, 0.0, np.inf, -np.inf, low, -high, np.nextafter(high, np.float32(9))]
-    out = np.full(tau.size + 1, -7.0, np.float32)
-    count = compact(tau, low, high, out)
-    magnitudes = np.abs(tau)
-    want = magnitudes[(magnitudes >= low) & (magnitudes <= high)]
-    assert count == want.size and 0 < count < tau.size
-    assert np.array_equal(out[:count], want)
-    assert (out[count:] == -7.0).all()
+    root = Path(__file__).resolve().parents[1]
+    env = target_env(dict(os.environ), cpu)
+    env["PYTHONPATH"] = str(root)
+    done = subprocess.run([sys.executable, "-c", _SCAN_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr
+    checks, compress, permute, wide = done.stdout.strip().rsplit(" ", 3)
+    assert "False" not in checks, checks
+    avx512 = cpu is None and binding.get_host_cpu_features().get("avx512f", False)
+    avx2 = cpu == "haswell" or (cpu is None and not avx512 and binding.get_host_cpu_features().get("avx2", False))
+    assert (compress, permute, wide) == (str(avx512), str(avx2), str(avx512))
 
 
 def test_the_first_pass_gives_the_same_counts_and_bands_in_any_address_order(passes):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from metamerge.methods.numba_runtime import AVAILABLE, LAUNCH, as_arrays, jit, launch_threads
-from metamerge.methods.simd import WIDTH, compress_band
+from metamerge.methods.simd import WIDTH, scan_band
 
 if AVAILABLE:
     from numba import prange
@@ -71,9 +71,9 @@ if AVAILABLE:
         """Per block and fine-tune, while the block is in cache: |τ| > hi counted, lo ≤ |τ| ≤ hi
         counted and copied in position order into the block's `scratch` row (as far as it holds);
         the block's gram and Σ θ₀². The rows are only read: τ = θ_t − θ₀ goes to a scratch of one
-        gram run (RUN entries per fine-tune), made SUB entries at a time so that the counts, the
-        compaction and the gram read it from L1. Fine-tunes are visited in `order`: ascending
-        addresses (`address_order`)."""
+        gram run (RUN entries per fine-tune), where the gram reads it from L1; τ, both counts and
+        the band's copy come from one `simd.scan_band` per 16 entries. Fine-tunes are visited in
+        `order`: ascending addresses (`address_order`)."""
         count = len(rows) - 1
         capacity = scratch.shape[2] - WIDTH
         blocks = (n + BLOCK - 1) // BLOCK
@@ -91,34 +91,28 @@ if AVAILABLE:
                 part = base[s0:s1]
                 for visit in range(count):
                     t = order[visit]
-                    row, tau = rows[t + 1][start + s0 : start + s1], taus[t, s0 % RUN : s0 % RUN + span]
+                    row, tau, kept = rows[t + 1], taus[t], scratch[b, t]
                     low, high = lo[t], hi[t]
                     up = 0
-                    band = 0
-                    for i in range(span):  # no branch: vectorized
-                        tau[i] = row[i] - part[i]
-                        magnitude = abs(tau[i])
+                    cursor = at[t]  # past `capacity` the block overflowed: its band is gathered again
+                    whole = span // WIDTH * WIDTH
+                    for i in range(0, whole, WIDTH):  # 16 at a time (methods/simd.py)
+                        found = scan_band(row, start + s0 + i, part, i, tau, s0 % RUN + i, low, high, kept,
+                                          min(cursor, capacity))  # (a store reaches 15 past it: the row's spare)
+                        up += found >> 32
+                        cursor += found & 0xFFFFFFFF
+                    for i in range(whole, span):  # every value is written; the next overwrites it unless inside
+                        value = row[start + s0 + i] - part[i]
+                        tau[s0 % RUN + i] = value
+                        magnitude = abs(value)
                         up += magnitude > high
-                        band += (magnitude >= low) & (magnitude <= high)
+                        kept[min(cursor, capacity)] = magnitude
+                        cursor += (magnitude >= low) & (magnitude <= high)
                     above[b, t] += up
-                    inside[b, t] += band
-                    if at[t] <= capacity:  # past it the block overflowed: its band is gathered again
-                        kept = scratch[b, t]
-                        cursor = at[t]
-                        whole = span // WIDTH * WIDTH
-                        for i in range(0, whole, WIDTH):  # 16 at a time (methods/simd.py)
-                            if cursor > capacity:  # (a store then reaches at most 15 past it: the row's spare)
-                                break
-                            cursor += compress_band(tau, i, low, high, kept, cursor)
-                        for i in range(whole, span):  # every value is written; the next overwrites it
-                            if cursor > capacity:  # unless it was inside
-                                break
-                            magnitude = abs(tau[i])
-                            kept[cursor] = magnitude
-                            cursor += (magnitude >= low) & (magnitude <= high)
-                        at[t] = cursor
+                    at[t] = cursor
                 if s1 % RUN == 0 or s1 == width:  # a run of the gram's sums is complete: add it while in L1
                     _add_gram(gram[b], taus, s1 - s0 // RUN * RUN)
+            inside[b] = at
             _mirror(gram[b])
 
     @jit(parallel=True, boundscheck=False)

@@ -1,7 +1,7 @@
 """numba's disk cache of this folder's kernels, stamped with every source file in the folder.
 
 numba stamps a cached function with the hash of its own file only. Our kernels call code from
-other files, which numba compiles into them (`simd.py`'s compress-store intrinsic in TIES' first
+other files, which numba compiles into them (`simd.py`'s `scan_band` intrinsic in TIES' first
 pass; `compiled.py`'s gram helpers in the linear pass): after a change to such a file alone (a
 `git pull` into an editable install, an edit while developing), the callers' cached machine
 code was the old one, and it ran. That happened while this folder was being worked on, and no

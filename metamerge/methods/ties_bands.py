@@ -123,7 +123,7 @@ class Scratch(threading.local):
         self.buffer = np.empty(0, np.float32)
 
     def take(self, blocks: int, count: int) -> np.ndarray:
-        width = compiled.BAND_CAPACITY + WIDTH  # room for a last compress-store
+        width = compiled.BAND_CAPACITY + WIDTH  # room for the last 16-wide store of a band (simd.scan_band)
         if self.buffer.size < blocks * count * width:
             self.buffer = np.empty(0, np.float32)  # the smaller one goes before the bigger one comes
             self.buffer = np.empty(blocks * count * width, np.float32)
