@@ -60,7 +60,8 @@ def test_the_stamp_covers_every_source_file_of_the_folder(tmp_path):
 def test_the_packages_kernels_are_stamped_with_their_folder():
     from metamerge.methods import linear_kernels, norm_kernels, ties_bands
 
-    for kernel in (compiled._second_pass, compiled._first_pass, linear_kernels._linear_pass, ties_bands._cuts,
+    for kernel in (compiled._second_pass, compiled._uncounted_second_pass, compiled._first_pass,
+                   linear_kernels._linear_pass, ties_bands._cuts,
                    norm_kernels._square_sums):
         locator = kernel._cache._impl._locator
         assert isinstance(locator, kernel_cache._FolderStamped) and locator.folder == kernel_cache.KERNELS

@@ -139,7 +139,7 @@ def ties_piece(inputs: torch.Tensor | Rows, weights: torch.Tensor, plan: MergePl
         return combine(taus, weights, plan, out=out).add_(rows[0]), gram, base_sq
     target = torch.empty(n) if out is None else out[:n]
     if fast:
-        ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target)
+        ties_kernels().second_pass(rows, floors, cuts, weights, plan.scale, plan.normalize, target, counting=False)
     else:
         second_pass(stacked, floors, weights, plan, target)
     return target, gram, base_sq
