@@ -51,7 +51,7 @@ def main() -> None:
         "trims (all three)": lambda: ties_bands.trims(rows, k, above, bands),
         "  bands packed": bands.collect,
         "  one band's partition": lambda: np.partition(band, sizes[0] - (k - above[0])),
-        "second pass": lambda: compiled.second_pass(rows, floors, cuts, weights, 1.0, True, out),
+        "second pass": lambda: compiled.second_pass(rows, floors, cuts, weights, 1.0, True, out, counting=False),
         "task arithmetic's pass": lambda: linear_merge(rows, weights * 0.3, out),
         "brackets (compiled sample)": lambda: ties._brackets(rows, k, True),
     }

@@ -166,7 +166,7 @@ if AVAILABLE:
             """
             count = len(rows) - 1
             blocks = (n + BLOCK - 1) // BLOCK
-            zero = np.float32(0.0)
+            zero, unordered = np.float32(0.0), np.float32(np.nan)
             for b in prange(blocks):
                 start = b * BLOCK
                 end = min(n, start + BLOCK)
@@ -187,15 +187,19 @@ if AVAILABLE:
                         floor, cut, weight = floors[t], cuts[t] - start - s0, weights[t]
                         threshold = np.nextafter(floor, np.float32(np.inf))
                         number = 0
-                        for i in range(span):
-                            tau = row[i] - bs[i]
-                            magnitude = abs(tau)
-                            keep = (magnitude > floor) & ((magnitude != threshold) | (i < cut))
-                            if counting:  # (a constant of the closure: compiled in or out)
-                                number += keep
-                            tau = tau if keep else zero
-                            kept[t, i] = tau
-                            vote[i] = weight * tau if t == 0 else vote[i] + weight * tau
+                        cut = min(max(cut, 0), span)  # before it ties with the threshold are kept: |τ| ≠ NaN
+                        for first, last, tie in ((0, cut, unordered), (cut, span, threshold)):  # (no i < cut
+                            row_part, base_part = row[first:last], bs[first:last]  # per entry: an int64 compare
+                            kept_part, vote_part = kept[t, first:last], vote[first:last]  # cost AVX2 a third)
+                            for i in range(last - first):
+                                tau = row_part[i] - base_part[i]
+                                magnitude = abs(tau)
+                                keep = (magnitude > floor) & (magnitude != tie)
+                                if counting:  # (a constant of the closure: compiled in or out)
+                                    number += keep
+                                tau = tau if keep else zero
+                                kept_part[i] = tau
+                                vote_part[i] = weight * tau if t == 0 else vote_part[i] + weight * tau
                         numbers[t] += number
                     for t in range(count):
                         weight = weights[t]
