@@ -187,10 +187,12 @@ if AVAILABLE:
                         floor, cut, weight = floors[t], cuts[t] - start - s0, weights[t]
                         threshold = np.nextafter(floor, np.float32(np.inf))
                         number = 0
-                        cut = min(max(cut, 0), span)  # before it ties with the threshold are kept: |τ| ≠ NaN
-                        for first, last, tie in ((0, cut, unordered), (cut, span, threshold)):  # (no i < cut
-                            row_part, base_part = row[first:last], bs[first:last]  # per entry: an int64 compare
-                            kept_part, vote_part = kept[t, first:last], vote[first:last]  # cost AVX2 a third)
+                        # before the cut, ties with the threshold are kept (|τ| ≠ NaN always holds): two
+                        # loops, not an int64 compare with the cut per entry, which cost AVX2 a third
+                        cut = min(max(cut, 0), span)
+                        for first, last, tie in ((0, cut, unordered), (cut, span, threshold)):
+                            row_part, base_part = row[first:last], bs[first:last]
+                            kept_part, vote_part = kept[t, first:last], vote[first:last]
                             for i in range(last - first):
                                 tau = row_part[i] - base_part[i]
                                 magnitude = abs(tau)
@@ -271,9 +273,9 @@ def second_pass(rows: list[torch.Tensor], floors: torch.Tensor, cuts: torch.Tens
     kept = np.zeros((blocks, count), np.int64)
     gram = np.zeros((blocks, count, count))
     base_sq = np.zeros(blocks)
+    kernel = _second_pass if counting else _uncounted_second_pass
     with LAUNCH:
         launch_threads(blocks)
-        (_second_pass if counting else _uncounted_second_pass)(as_arrays(rows), n, floors.reshape(-1).numpy(), cuts.numpy(),
-                     weights.to(torch.float32).reshape(-1).numpy(), np.float32(scale), normalize, out.numpy(),
-                     kept, diagnostics, gram, base_sq)
+        kernel(as_arrays(rows), n, floors.reshape(-1).numpy(), cuts.numpy(), weights.to(torch.float32).reshape(-1).numpy(),
+               np.float32(scale), normalize, out.numpy(), kept, diagnostics, gram, base_sq)
     return kept.sum(axis=0).tolist(), torch.from_numpy(gram.sum(axis=0)) if diagnostics else None, float(base_sq.sum())
