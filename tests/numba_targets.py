@@ -8,8 +8,6 @@ assembly of every target had zmm registers). The name goes with a feature list h
 
 from __future__ import annotations
 
-import os
-
 # AVX2 + FMA, without AVX-512: Intel's Haswell and what followed it on desktops, AMD's Zen 1–3
 HASWELL = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,+lzcnt,+movbe,+pclmul,+popcnt,"
            "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave")
@@ -32,7 +30,3 @@ def target_env(env: dict[str, str], cpu: str | None) -> dict[str, str]:
     if cpu is not None:
         env["NUMBA_CPU_NAME"], env["NUMBA_CPU_FEATURES"] = cpu, FEATURES[cpu]
     return env
-
-
-def host_env(cpu: str | None) -> dict[str, str]:
-    return target_env(dict(os.environ), cpu)
