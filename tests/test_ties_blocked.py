@@ -369,9 +369,8 @@ n = WIDTH * 4000
 base = rng.standard_normal(n + 5).astype(np.float32)[5:]  # rows not 64-byte aligned
 row = (base + rng.standard_normal(n).astype(np.float32)).astype(np.float32)
 low, high = np.float32(0.5), np.float32(1.25)
-row[:8] = base[:8] + np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, low, -high, np.nextafter(high, np.float32(9))],
-                              np.float32)
-row[8:12] = base[8:12]  # τ = +0 exactly
+base[:12] = 0.0  # so that τ is exactly these: NaN, ±0, ±inf, both bracket ends, just past one, +0
+row[:12] = [np.nan, -0.0, 0.0, np.inf, -np.inf, low, -high, np.nextafter(high, np.float32(9)), 0.0, 0.0, 0.0, 0.0]
 tau = np.full(n + 3 + WIDTH, -5.0, np.float32)
 out = np.full(n + 2 * WIDTH, -7.0, np.float32)
 above, at = scan(row, base, tau, low, high, out)
